@@ -1,0 +1,197 @@
+"""`aldm-fed` command line: parse, compose the config, call one library function.
+
+Every command takes trailing Hydra overrides (``experiment=tiny data.size=32``), so a run is fully
+described by its command line. Heavy libraries are imported inside the commands, so `--help` and
+each Flower process start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from aldm_fed import __version__
+
+app = typer.Typer(
+    name="aldm-fed",
+    help="Federated anatomically-conditioned latent diffusion for few-shot 3D glioma MRI.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Read, check, prepare and simulate BraTS-style data.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the composed configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+Overrides = Annotated[
+    Optional[list[str]],  # noqa: UP045 - typer needs Optional here
+    typer.Argument(help="Hydra overrides, e.g. experiment=tiny data.size=32", show_default=False),
+]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")]
+
+
+def _compose(overrides: list[str] | None):
+    from aldm_fed.config import compose
+
+    return compose(overrides or [])
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"aldm-fed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Federated anatomically-conditioned latent diffusion for few-shot 3D glioma MRI."""
+
+
+@config_app.command("show")
+def config_show(overrides: Overrides = None) -> None:
+    """Print the composed config as YAML."""
+    from omegaconf import OmegaConf
+
+    typer.echo(OmegaConf.to_yaml(_compose(overrides), resolve=True))
+
+
+@data_app.command("phantom")
+def data_phantom(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the cohort (resumes if present).")],
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Make the embedded multi-site phantom glioma cohort (no download)."""
+    from aldm_fed.data.phantom import PhantomConfig, make_cohort
+
+    cfg = _compose(overrides)
+    summary = make_cohort(
+        out, PhantomConfig.from_mapping(cfg.phantom), seed=int(cfg.seed), progress=not no_progress
+    )
+    sites = ", ".join(f"{site} ({n} cases)" for site, n in summary.n_cases.items())
+    typer.echo(f"cohort {out}: {sites}")
+    typer.echo(
+        f"  {len(summary.files_written)} files written, {len(summary.skipped)} cases kept from"
+        f" before, {summary.seconds:.1f} s"
+    )
+    typer.echo(f"  labels: {out / 'labels.csv'}  manifests: {out / 'manifests'}/  previews: {out / 'previews'}/")
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Folder with BraTS-style case folders.")],
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+    json_out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--json", help="Also write the report as JSON here."),
+    ] = None,
+) -> None:
+    """Check every case and report every problem in one pass (exit 1 if any)."""
+    from aldm_fed.data.validate import check_dataset
+    from aldm_fed.io import atomic_write_json
+
+    cfg = _compose(overrides)
+    report = check_dataset(root, cfg.data, progress=not no_progress)
+    typer.echo(report.format_table())
+    if json_out is not None:
+        atomic_write_json(json_out, report.to_dict())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    root: Annotated[Path, typer.Argument(help="Folder with BraTS-style case folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Cache folder (resumes if present).")],
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Preprocess every case once into the training cache (RAS, clip/scale, crop, cube)."""
+    from aldm_fed.data.preprocess import prepare_dataset
+
+    cfg = _compose(overrides)
+    summary = prepare_dataset(root, out, cfg.data, progress=not no_progress)
+    typer.echo(
+        f"cache {out} (settings {summary.prep_hash}): {len(summary.prepared)} prepared,"
+        f" {len(summary.skipped)} already cached, {len(summary.failed)} failed"
+        f" of {summary.n_cases} cases, {summary.seconds:.1f} s"
+    )
+    for case_id, problems in summary.failed.items():
+        for problem in problems:
+            where = f"{problem.file}: " if problem.file else ""
+            typer.echo(f"  {case_id}: {where}{problem.message}", err=True)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@data_app.command("manifest")
+def data_manifest(
+    root: Annotated[Path, typer.Argument(help="Folder with the site's BraTS-style case folders.")],
+    site: Annotated[str, typer.Option("--site", help="Site name.")],
+    out: Annotated[Path, typer.Option("--out", help="Manifest JSON to write.")],
+    k: Annotated[int, typer.Option(help="Few-shot target cases.")] = 16,
+    n_source: Annotated[int, typer.Option(help="Source-domain cases kept at this site.")] = 0,
+    n_test: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="Held-out test cases (default: all remaining)."),
+    ] = None,
+    labels: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="CSV of case-level labels."),
+    ] = None,
+    label_column: Annotated[str, typer.Option(help="Column to stratify splits by.")] = "grade",
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+) -> None:
+    """Write a site manifest with deterministic, label-stratified source/target/test splits."""
+    import os
+
+    from aldm_fed.data.brats import find_cases
+    from aldm_fed.data.case_labels import read_case_labels
+    from aldm_fed.data.manifest import make_manifest, write_manifest
+
+    case_ids = [c.case_id for c in find_cases(root)]
+    if not case_ids:
+        _fail(f"{root}: no BraTS-style case folders found")
+    table = read_case_labels(labels, case_ids=case_ids) if labels is not None else {}
+    data_root = os.path.relpath(root.resolve(), out.resolve().parent)
+    manifest = make_manifest(
+        site,
+        case_ids,
+        k=k,
+        n_source=n_source,
+        n_test=n_test,
+        labels=table,
+        label_column=label_column if table else None,
+        seed=seed,
+        data_root=data_root,
+    )
+    write_manifest(manifest, out)
+    counts = {name: len(ids) for name, ids in manifest.splits.items()}
+    typer.echo(f"wrote {out}: {counts}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; turns expected errors into one clear line and exit code 2."""
+    try:
+        app(args=argv, prog_name="aldm-fed", standalone_mode=True)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

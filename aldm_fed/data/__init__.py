@@ -1,0 +1,1 @@
+"""Data layer: BraTS-style case folders, validation, preprocessing cache, site manifests, phantoms."""

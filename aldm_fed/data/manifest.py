@@ -1,0 +1,236 @@
+"""Site manifests: which cases of a site are source, few-shot target and held-out test.
+
+One JSON file per site. Splits are deterministic from a seed and stratified by a case-level label
+when one is given, so the K few-shot cases of a site are as balanced as its cohort allows.
+
+```json
+{"version": 1, "site": "A", "data_root": "../A", "seed": 0, "k": 16,
+ "label_column": "grade",
+ "splits": {"source": [...], "target": [...], "test": [...]},
+ "labels": {"PH-A-0000": {"grade": "HGG"}}}
+```
+A relative `data_root` is resolved against the folder that holds the manifest file.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aldm_fed.io import atomic_write_json
+
+__all__ = [
+    "MANIFEST_VERSION",
+    "SPLITS",
+    "ManifestError",
+    "SiteManifest",
+    "make_manifest",
+    "read_manifest",
+    "write_manifest",
+]
+
+MANIFEST_VERSION = 1
+SPLITS: tuple[str, ...] = ("source", "target", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest file is unreadable or inconsistent; the message names the file."""
+
+
+@dataclass
+class SiteManifest:
+    """The cases of one site and their roles.
+
+    Args:
+        site: site name (used in paths and logs; no case data).
+        data_root: folder holding the site's case folders; relative to the manifest's folder.
+        splits: split name -> case ids; a case is in at most one split.
+        labels: case id -> {column: value} case-level labels (e.g. grade).
+        seed: seed the splits were drawn with.
+        k: the few-shot budget the target split was drawn for.
+        label_column: the column splits were stratified by, if any.
+    """
+
+    site: str
+    data_root: str
+    splits: dict[str, list[str]]
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    seed: int = 0
+    k: int = 16
+    label_column: str | None = None
+    version: int = MANIFEST_VERSION
+
+    def __post_init__(self) -> None:
+        for name in SPLITS:
+            self.splits.setdefault(name, [])
+        unknown = set(self.splits) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"site {self.site!r}: unknown split(s) {sorted(unknown)}; expected {SPLITS}")
+        seen: dict[str, str] = {}
+        for name, ids in self.splits.items():
+            for case_id in ids:
+                if case_id in seen:
+                    raise ValueError(
+                        f"site {self.site!r}: case {case_id!r} is in both {seen[case_id]!r} and {name!r}"
+                        " (a patient in two splits leaks test data into training)"
+                    )
+                seen[case_id] = name
+
+    def cases(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return list(self.splits[split])
+
+    @property
+    def all_cases(self) -> list[str]:
+        return [c for name in SPLITS for c in self.splits[name]]
+
+    def label(self, case_id: str, column: str | None = None) -> str | None:
+        column = column or self.label_column
+        if column is None:
+            return None
+        return self.labels.get(case_id, {}).get(column)
+
+    def resolve_root(self, manifest_path: str | Path) -> Path:
+        root = Path(self.data_root)
+        return root if root.is_absolute() else (Path(manifest_path).parent / root).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "site": self.site,
+            "data_root": self.data_root,
+            "seed": self.seed,
+            "k": self.k,
+            "label_column": self.label_column,
+            "splits": {name: list(self.splits[name]) for name in SPLITS},
+            "labels": self.labels,
+        }
+
+
+def make_manifest(
+    site: str,
+    case_ids: Sequence[str],
+    *,
+    k: int = 16,
+    n_source: int = 0,
+    n_test: int | None = None,
+    labels: Mapping[str, Mapping[str, str]] | None = None,
+    label_column: str | None = None,
+    seed: int = 0,
+    data_root: str = ".",
+) -> SiteManifest:
+    """Draw deterministic, label-stratified splits for one site.
+
+    Target (the K few-shot cases) is drawn first, then source, then test (all remaining cases when
+    `n_test` is None).
+
+    Args:
+        site: site name.
+        case_ids: every usable case of the site.
+        k: number of few-shot target cases.
+        n_source: number of source-domain cases kept at this site (0: none).
+        n_test: number of held-out test cases; None takes the rest.
+        labels: case id -> {column: value}.
+        label_column: stratify by this column of `labels` (cases without it form their own stratum).
+        seed: split seed; the site name is mixed in so sites with equal ids still differ.
+        data_root: stored as given (relative to the manifest file's folder).
+    """
+    ids = sorted(set(case_ids))
+    if len(ids) != len(case_ids):
+        raise ValueError(f"site {site!r}: duplicate case ids in input")
+    need = k + n_source + (n_test or 0)
+    if k < 0 or n_source < 0 or (n_test is not None and n_test < 0):
+        raise ValueError(f"site {site!r}: k, n_source and n_test must be >= 0")
+    if need > len(ids):
+        raise ValueError(
+            f"site {site!r}: {len(ids)} cases cannot fill k={k} target + {n_source} source"
+            f" + {n_test or 0} test"
+        )
+    labels = {c: dict(v) for c, v in (labels or {}).items()}
+    if label_column is not None:
+        missing = [c for c in ids if label_column not in labels.get(c, {})]
+        if len(missing) == len(ids):
+            raise ValueError(f"site {site!r}: no case has label column {label_column!r}")
+    order = _stratified_order(ids, labels, label_column, seed=seed ^ zlib.crc32(site.encode()))
+    target = order[:k]
+    source = order[k : k + n_source]
+    rest = order[k + n_source :]
+    test = rest if n_test is None else rest[:n_test]
+    return SiteManifest(
+        site=site,
+        data_root=data_root,
+        splits={"source": sorted(source), "target": sorted(target), "test": sorted(test)},
+        labels={c: labels[c] for c in ids if c in labels},
+        seed=seed,
+        k=k,
+        label_column=label_column,
+    )
+
+
+def _stratified_order(
+    ids: list[str], labels: Mapping[str, Mapping[str, str]], column: str | None, *, seed: int
+) -> list[str]:
+    """Order cases so that every prefix holds the strata in proportion (why: any K is balanced)."""
+    rng = np.random.default_rng(seed)
+    strata: dict[str, list[str]] = {}
+    for case_id in ids:
+        key = labels.get(case_id, {}).get(column, "") if column else ""
+        strata.setdefault(key, []).append(case_id)
+    keyed: list[tuple[float, float, str]] = []
+    for members in strata.values():
+        perm = rng.permutation(len(members))
+        for rank, idx in enumerate(perm):
+            keyed.append(((rank + 0.5) / len(members), float(rng.random()), members[idx]))
+    keyed.sort()
+    return [case_id for _, _, case_id in keyed]
+
+
+def write_manifest(manifest: SiteManifest, path: str | Path) -> Path:
+    path = Path(path)
+    atomic_write_json(path, manifest.to_dict())
+    return path
+
+
+def read_manifest(path: str | Path) -> SiteManifest:
+    """Read and check a manifest; every problem raises ManifestError naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not a readable JSON manifest ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: manifest must be a JSON object, got {type(raw).__name__}")
+    version = raw.get("version", MANIFEST_VERSION)
+    if version != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: manifest version {version!r} is not supported (expected {MANIFEST_VERSION})")
+    for key, kind in (("site", str), ("data_root", str), ("splits", dict)):
+        if not isinstance(raw.get(key), kind):
+            raise ManifestError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+    splits = raw["splits"]
+    for name, ids in splits.items():
+        if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+            raise ManifestError(f"{path}: split {name!r} must be a list of case id strings")
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or not all(isinstance(v, dict) for v in labels.values()):
+        raise ManifestError(f"{path}: field 'labels' must map case ids to objects")
+    try:
+        return SiteManifest(
+            site=raw["site"],
+            data_root=raw["data_root"],
+            splits={name: list(ids) for name, ids in splits.items()},
+            labels={c: {str(k): str(v) for k, v in row.items()} for c, row in labels.items()},
+            seed=int(raw.get("seed", 0)),
+            k=int(raw.get("k", 16)),
+            label_column=raw.get("label_column"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{path}: {exc}") from None

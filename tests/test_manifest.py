@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from aldm_fed.data.manifest import ManifestError, make_manifest, read_manifest, write_manifest
+
+
+def _cohort(n: int = 30) -> tuple[list[str], dict[str, dict[str, str]]]:
+    ids = [f"C-{i:03d}" for i in range(n)]
+    labels = {c: {"grade": "LGG" if i % 3 == 0 else "HGG"} for i, c in enumerate(ids)}
+    return ids, labels
+
+
+def test_splits_are_disjoint_complete_and_sized():
+    ids, labels = _cohort()
+    m = make_manifest("A", ids, k=8, n_source=10, labels=labels, label_column="grade")
+    assert len(m.cases("target")) == 8 and len(m.cases("source")) == 10
+    assert sorted(m.all_cases) == sorted(ids)  # n_test=None takes the rest
+    assert len(set(m.all_cases)) == len(ids)
+
+
+def test_splits_are_deterministic_and_seed_dependent():
+    ids, labels = _cohort()
+    a = make_manifest("A", ids, k=8, labels=labels, label_column="grade", seed=1)
+    b = make_manifest("A", list(reversed(ids)), k=8, labels=labels, label_column="grade", seed=1)
+    c = make_manifest("A", ids, k=8, labels=labels, label_column="grade", seed=2)
+    assert a.splits == b.splits
+    assert a.splits != c.splits
+
+
+def test_target_split_is_stratified_by_label():
+    ids, labels = _cohort(60)  # 1/3 LGG
+    for seed in range(5):
+        m = make_manifest("B", ids, k=12, labels=labels, label_column="grade", seed=seed)
+        counts = Counter(m.label(c) for c in m.cases("target"))
+        assert counts["LGG"] == 4 and counts["HGG"] == 8
+
+
+def test_too_few_cases_is_a_clear_error():
+    ids, _ = _cohort(5)
+    with pytest.raises(ValueError, match="5 cases cannot fill"):
+        make_manifest("A", ids, k=4, n_source=2)
+
+
+def test_round_trip_and_root_resolution(tmp_path):
+    ids, labels = _cohort()
+    m = make_manifest("A", ids, k=4, n_test=6, labels=labels, label_column="grade", data_root="../A")
+    path = write_manifest(m, tmp_path / "manifests" / "A.json")
+    back = read_manifest(path)
+    assert back.to_dict() == m.to_dict()
+    assert back.resolve_root(path) == (tmp_path / "A").resolve()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not a readable JSON manifest"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"site": "A", "data_root": ".", "splits": {"target": "x"}}', "list of case id strings"),
+        ('{"site": "A", "data_root": ".", "splits": {"train": []}}', "unknown split"),
+        ('{"site": "A", "splits": {}}', "'data_root' missing"),
+        ('{"version": 9, "site": "A", "data_root": ".", "splits": {}}', "version 9"),
+        (
+            '{"site": "A", "data_root": ".", "splits": {"target": ["x"], "test": ["x"]}}',
+            "in both 'target' and 'test'",
+        ),
+    ],
+)
+def test_bad_manifest_names_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=message) as info:
+        read_manifest(path)
+    assert str(path) in str(info.value)
+
+
+def test_written_manifest_is_plain_json(tmp_path):
+    ids, _ = _cohort(10)
+    path = write_manifest(make_manifest("C", ids, k=3), tmp_path / "C.json")
+    raw = json.loads(path.read_text())
+    assert raw["site"] == "C" and raw["k"] == 3 and len(raw["splits"]["target"]) == 3
