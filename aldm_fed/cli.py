@@ -184,11 +184,100 @@ def data_manifest(
     typer.echo(f"wrote {out}: {counts}")
 
 
+STAGES = ("vae", "scale", "backbone", "controlnet")
+
+
+@app.command("train")
+def train(
+    stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.", show_default=False)],
+    overrides: Overrides = None,
+    site: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--site", help="Site to adapt (controlnet); same as the override site=X."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start the stage afresh instead of resuming.")
+    ] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train one stage of the generative core (resumes from its last checkpoint).
+
+    Order: vae -> scale -> backbone (on the source sites) -> controlnet (per site, --site X).
+    """
+    from aldm_fed.training.stages import run_stage
+
+    if stage not in STAGES:
+        _fail(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    cfg = _compose([*(overrides or []), *([f"site={site}"] if site else [])])
+    result = run_stage(cfg, stage, progress=not no_progress, overwrite=overwrite)
+    _echo_result(f"train {stage}", result.to_dict())
+
+
+@app.command("synthesize")
+def synthesize(
+    overrides: Overrides = None,
+    site: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--site", help="Site whose masks and ControlNet to use (override site=X)."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", help="Output folder (default: paths.synthesis); resumes if present."),
+    ] = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Synthesize BraTS-style volumes from augmented tumour masks of a site's few-shot cases."""
+    from aldm_fed.data.cache import CaseCache
+    from aldm_fed.data.volumes import load_split, site_manifests
+    from aldm_fed.synthesis import synthesize as run_synthesis
+    from aldm_fed.training.artifacts import load_generative_models
+    from aldm_fed.training.device import autocast_context, resolve_device
+
+    cfg = _compose([*(overrides or []), *([f"site={site}"] if site else [])])
+    if cfg.site is None:
+        _fail("which site? pass --site X (the site's target cases give the masks)")
+    site_name = str(cfg.site)
+    _, manifest = site_manifests(str(cfg.paths.cohort), [site_name])[site_name]
+    cases = manifest.cases("target")
+    # 1. Make sure the site's few-shot cases are in the cache (prepared once, then memory-mapped).
+    load_split(cfg, "target", sites=[site_name], progress=not no_progress)
+    # 2. The shared VAE + backbone and the site's own ControlNet.
+    setup = resolve_device(str(cfg.device.spec), str(cfg.device.precision))
+    models = load_generative_models(cfg, site_name, device=setup.device)
+    labels = {c: manifest.label(c) for c in cases if manifest.label(c) is not None}
+    # 3. Masks -> volumes -> NIfTI folders, montage, manifest.
+    with autocast_context(setup):
+        summary = run_synthesis(
+            models,
+            CaseCache(str(cfg.paths.cache)),
+            cases,
+            cases,
+            labels or None,
+            Path(out or str(cfg.paths.synthesis)),
+            cfg.synthesis,
+            site=site_name,
+            seed=int(cfg.seed),
+            progress=not no_progress,
+        )
+    _echo_result(f"synthesize site {site_name}", summary.to_dict())
+
+
+def _echo_result(title: str, result: dict) -> None:
+    """Print a stage's summary: scalars in full, long lists as counts."""
+    typer.echo(f"{title}: done")
+    for key, value in result.items():
+        if isinstance(value, (list, tuple)) and len(value) > 6:
+            value = f"{len(value)} items"
+        elif isinstance(value, dict) and len(value) > 12:
+            value = f"{len(value)} entries"
+        typer.echo(f"  {key}: {value}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; turns expected errors into one clear line and exit code 2."""
     try:
         app(args=argv, prog_name="aldm-fed", standalone_mode=True)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 

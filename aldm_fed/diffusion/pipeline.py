@@ -67,7 +67,7 @@ def generate(
     num_steps: int | None = None,
     guidance_scale: float | None = None,
     generator: torch.Generator | None = None,
-    scheduler_overrides: dict[str, Any] | None = None,
+    noise: torch.Tensor | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample images for canonical label maps.
@@ -78,16 +78,19 @@ def generate(
         num_steps: sampling steps; None takes the scheduler config's `num_inference_steps`.
         guidance_scale: classifier-free guidance; None takes the conditioning config's.
         generator: random generator on the labels' device.
-        scheduler_overrides: e.g. ``{"name": "ddim"}`` to sample a DDPM-trained model with DDIM.
+        noise: initial latent noise (B, latent_channels, D/f, H/f, W/f); drawn from `generator`
+            when None. Passing it makes each sample independent of how samples are batched.
         progress: show a per-step bar.
+
+    To sample with another scheduler of the same family (a DDPM-trained backbone with DDIM), pass
+    ``dataclasses.replace(models, scheduler_cfg=...)`` with that scheduler's full config.
 
     Returns:
         (B, len(modalities), D, H, W) float images (the VAE's output range).
     """
     models.eval()
-    scheduler_cfg = {**models.scheduler_cfg, **(scheduler_overrides or {})}
-    scheduler = build_scheduler(scheduler_cfg)  # fresh per call: schedulers keep step state
-    steps = int(num_steps if num_steps is not None else default_num_steps(scheduler_cfg))
+    scheduler = build_scheduler(models.scheduler_cfg)  # fresh per call: schedulers keep step state
+    steps = int(num_steps if num_steps is not None else default_num_steps(models.scheduler_cfg))
     scale = models.conditioning.guidance_scale if guidance_scale is None else guidance_scale
     param = next(models.unet.parameters())
     mask = encode_mask(labels.to(param.device), models.conditioning.encoding, dtype=param.dtype)
@@ -101,5 +104,6 @@ def generate(
         generator=generator,
         progress=progress,
         vae_downsample=models.vae_downsample,
+        noise=noise,
     )
     return decode(models.vae, z, models.scale_factor)

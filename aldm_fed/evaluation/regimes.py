@@ -1,0 +1,508 @@
+"""Training regimes for the downstream classifier, all tested on held-out REAL cases of a site.
+
+Same classifier, same budget (steps x batch size), same test set; only the training data differ:
+
+| regime | trains on |
+|---|---|
+| `real_only` | the K real target cases |
+| `real_aug` | the K real cases with classic augmentation (flips, small affine, intensity) |
+| `real_syn` | the K real cases + round(`syn_ratio` x K) synthetic volumes (drawn per seed) |
+| `syn_only` | all synthetic volumes given (train-synthetic-test-real) |
+| `oracle` | many real target cases (only when the cohort has them; else skipped) |
+
+```python
+rows = run_regimes(real_k, synthetic, real_test, cfg.classifier, "runs/x/classifier/A",
+                   oracle_items=real_many)
+```
+
+Layout of `run_dir`:
+
+```
+run_dir/
+  results.json                      table (one row per regime, seeds aggregated) + every run
+  <regime>/seed_<s>/result.json     metrics with patient-bootstrap CIs, counts, settings
+  <regime>/seed_<s>/predictions.json  y_true, y_score, patient per test sample
+  <regime>/seed_<s>/train/          the loop's run dir (checkpoints, metrics.jsonl)
+```
+
+Guards, all raising ValueError: a synthetic test item; a patient (or a synthetic volume's source
+patient) on both sides; real items flagged synthetic or the reverse; a test set with one class.
+A finished run is not retrained when the same call is repeated (the loop resumes at its end).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aldm_fed.checkpoints import plain_config
+from aldm_fed.evaluation.metrics import CLASSIFICATION_METRICS, aggregate_seeds, classification_metrics
+from aldm_fed.evaluation.tasks import (
+    TASKS,
+    CaseItem,
+    TaskData,
+    check_no_leakage,
+    check_real_test_items,
+    make_task,
+    training_groups,
+)
+from aldm_fed.io import atomic_write_json
+from aldm_fed.models.classifier import build_classifier, classifier_spatial_dims
+from aldm_fed.training.classifier import (
+    AugmentConfig,
+    ClassifierTrainConfig,
+    predict_proba,
+    train_classifier,
+)
+from aldm_fed.training.device import DeviceSetup, resolve_device
+
+__all__ = [
+    "REGIMES",
+    "RESULTS_FILE",
+    "ClassifierSettings",
+    "RegimeResult",
+    "run_regime",
+    "run_regimes",
+    "select_synthetic",
+]
+
+REGIMES: tuple[str, ...] = ("real_only", "real_aug", "real_syn", "syn_only", "oracle")
+RESULTS_FILE = "results.json"
+RESULT_FILE = "result.json"
+PREDICTIONS_FILE = "predictions.json"
+_SECTIONS = ("task", "slice", "volume", "network", "train", "augmentation", "regimes", "syn_ratio",
+             "seeds", "eval")
+_EVAL_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "n_boot": 1000, "ci": 0.95, "predict_batch_size": 64}
+_SLICE_DEFAULTS: dict[str, Any] = {"axis": -1, "min_brain_fraction": 0.0}
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """The `classifier` config group, validated (configs/classifier/{slice,volume}.yaml).
+
+    Attributes:
+        task: "slice" or "volume".
+        network: the `network` group (for `build_classifier`).
+        train: budget and optimizer.
+        augmentation: classic augmentation of the `real_aug` regime.
+        regimes: regimes `run_regimes` runs, in order.
+        syn_ratio: synthetic volumes per real volume in `real_syn`.
+        seeds: training seeds.
+        threshold: decision threshold of balanced accuracy and F1.
+        n_boot: bootstrap resamples.
+        ci: interval coverage.
+        predict_batch_size: samples per forward pass at test time.
+        slice_axis: axis of the slice task (-1: axial).
+        min_brain_fraction: slice filter of the slice task.
+        volume: the `volume` section as given (label_column, label_map: read by the caller that
+            builds the items).
+    """
+
+    task: str
+    network: dict[str, Any]
+    train: ClassifierTrainConfig
+    augmentation: AugmentConfig
+    regimes: tuple[str, ...]
+    syn_ratio: float
+    seeds: tuple[int, ...]
+    threshold: float = 0.5
+    n_boot: int = 1000
+    ci: float = 0.95
+    predict_batch_size: int = 64
+    slice_axis: int = -1
+    min_brain_fraction: float = 0.0
+    volume: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | Any) -> ClassifierSettings:
+        """Validate the `classifier` group.
+
+        Args:
+            cfg: mapping or DictConfig (e.g. `OmegaConf.load("configs/classifier/slice.yaml")`).
+
+        Raises:
+            ValueError: unknown/missing keys or bad values, named as `classifier.<key>`.
+        """
+        if isinstance(cfg, ClassifierSettings):
+            return cfg
+        c = plain_config(cfg)
+        if not isinstance(c, dict):
+            raise ValueError(f"classifier: expected a mapping, got {type(c).__name__}")
+        unknown = sorted(set(c) - set(_SECTIONS))
+        missing = [k for k in ("task", "network", "train") if k not in c]
+        if unknown or missing:
+            raise ValueError(f"classifier: unknown key(s) {unknown}, missing key(s) {missing}")
+        task = c["task"]
+        if task not in TASKS:
+            raise ValueError(f"classifier.task: expected one of {TASKS}, got {task!r}")
+        dims = classifier_spatial_dims(c["network"])
+        if dims != (2 if task == "slice" else 3):
+            raise ValueError(f"classifier.network.spatial_dims is {dims}, but the {task} task needs "
+                             f"{2 if task == 'slice' else 3}")
+        regimes = tuple(c.get("regimes", REGIMES))
+        bad = [r for r in regimes if r not in REGIMES]
+        if bad or not regimes or len(set(regimes)) != len(regimes):
+            raise ValueError(f"classifier.regimes: expected distinct names from {REGIMES}, got {list(regimes)}")
+        seeds = tuple(c.get("seeds", (0,)))
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ValueError(f"classifier.seeds: expected a non-empty list of integers, got {list(seeds)}")
+        ratio = c.get("syn_ratio", 1.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+            raise ValueError(f"classifier.syn_ratio: expected a number > 0, got {ratio!r}")
+        ev = {**_EVAL_DEFAULTS, **(c.get("eval") or {})}
+        sl = {**_SLICE_DEFAULTS, **(c.get("slice") or {})}
+        for name, section, known in (("eval", ev, _EVAL_DEFAULTS), ("slice", sl, _SLICE_DEFAULTS)):
+            extra = sorted(set(section) - set(known))
+            if extra:
+                raise ValueError(f"classifier.{name}: unknown key(s) {extra} (known: {sorted(known)})")
+        n_boot = ev["n_boot"]
+        if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+            raise ValueError(f"classifier.eval.n_boot: expected an integer >= 0, got {n_boot!r}")
+        if not 0 < float(ev["ci"]) < 1 or not 0 <= float(ev["threshold"]) <= 1:
+            raise ValueError(f"classifier.eval: ci must be in (0, 1) and threshold in [0, 1], got {ev}")
+        if not isinstance(ev["predict_batch_size"], int) or ev["predict_batch_size"] < 1:
+            raise ValueError(f"classifier.eval.predict_batch_size: expected an integer >= 1, "
+                             f"got {ev['predict_batch_size']!r}")
+        if not 0.0 <= float(sl["min_brain_fraction"]) < 1.0:
+            raise ValueError(
+                f"classifier.slice.min_brain_fraction: expected [0, 1), got {sl['min_brain_fraction']}"
+            )
+        if sl["axis"] not in (0, 1, 2, -1, -2, -3):
+            raise ValueError(f"classifier.slice.axis: expected a spatial axis, got {sl['axis']!r}")
+        volume = dict(c.get("volume") or {})
+        if task == "volume":
+            extra = sorted(set(volume) - {"label_column", "label_map"})
+            label_map = volume.get("label_map")
+            if extra or not isinstance(label_map, dict) or not label_map or not set(label_map.values()) <= {0, 1}:
+                raise ValueError(
+                    "classifier.volume: needs label_column and label_map (raw value -> 0/1, e.g. "
+                    f"{{HGG: 1, LGG: 0}}) and nothing else; got {volume}"
+                )
+        return cls(
+            task=task,
+            network=dict(c["network"]),
+            train=ClassifierTrainConfig.from_mapping(c["train"]),
+            augmentation=AugmentConfig.from_mapping(c.get("augmentation") or {}),
+            regimes=regimes,
+            syn_ratio=float(ratio),
+            seeds=seeds,
+            threshold=float(ev["threshold"]),
+            n_boot=int(n_boot),
+            ci=float(ev["ci"]),
+            predict_batch_size=int(ev["predict_batch_size"]),
+            slice_axis=int(sl["axis"]),
+            min_brain_fraction=float(sl["min_brain_fraction"]),
+            volume=volume,
+        )
+
+    def make_task(self, items: Sequence[CaseItem]) -> TaskData:
+        """The task of these settings over `items`.
+
+        Args:
+            items: the volumes.
+        """
+        return make_task(self.task, items, min_brain_fraction=self.min_brain_fraction, axis=self.slice_axis)
+
+
+@dataclass
+class RegimeResult:
+    """One regime trained with one seed and tested on the real test cases.
+
+    Attributes:
+        regime: the regime name.
+        seed: training seed.
+        task: "slice" or "volume".
+        network: network family name.
+        metrics: from `classification_metrics` (values + patient-bootstrap CIs + counts).
+        n_train_cases_real: real training volumes.
+        n_train_cases_syn: synthetic training volumes.
+        n_train_samples: training samples (slices or volumes).
+        n_test_cases: real test volumes.
+        steps: optimizer steps (the shared budget).
+        batch_size: samples per step.
+        run_dir: where result.json, predictions.json and the training run live.
+        y_true: test labels.
+        y_score: predicted probabilities of class 1.
+        groups: patient id per test sample.
+    """
+
+    regime: str
+    seed: int
+    task: str
+    network: str
+    metrics: dict[str, Any]
+    n_train_cases_real: int
+    n_train_cases_syn: int
+    n_train_samples: int
+    n_test_cases: int
+    steps: int
+    batch_size: int
+    run_dir: str
+    y_true: np.ndarray = field(repr=False)
+    y_score: np.ndarray = field(repr=False)
+    groups: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (predictions left out; they are in predictions.json)."""
+        d = asdict(self)
+        for key in ("y_true", "y_score", "groups"):
+            d.pop(key)
+        return d
+
+    def row(self) -> dict[str, Any]:
+        """A flat table row: counts, then `<metric>`, `<metric>_ci_low`, `<metric>_ci_high`."""
+        out: dict[str, Any] = {
+            "regime": self.regime, "seed": self.seed, "task": self.task, "network": self.network,
+            "n_train_cases_real": self.n_train_cases_real, "n_train_cases_syn": self.n_train_cases_syn,
+            "n_test_cases": self.n_test_cases, "n_test_samples": self.metrics["n_samples"],
+        }
+        for m in CLASSIFICATION_METRICS:
+            out[m] = self.metrics[m]["value"]
+            out[f"{m}_ci_low"] = self.metrics[m]["ci_low"]
+            out[f"{m}_ci_high"] = self.metrics[m]["ci_high"]
+        return out
+
+
+def _seed_int(*parts: object) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def select_synthetic(items: Sequence[CaseItem], n_real: int, ratio: float, seed: int) -> list[CaseItem]:
+    """The synthetic volumes of `real_syn`: round(ratio x n_real) of them, drawn without
+    replacement by `seed`.
+
+    Args:
+        items: the synthetic pool.
+        n_real: real training volumes.
+        ratio: synthetic per real volume.
+        seed: draw seed (the regime's training seed).
+
+    Raises:
+        ValueError: the pool is smaller than asked for (lower `syn_ratio` or synthesise more).
+    """
+    n = int(round(ratio * n_real))
+    if n < 1:
+        raise ValueError(f"syn_ratio {ratio} x {n_real} real volumes asks for no synthetic volume")
+    if n > len(items):
+        raise ValueError(f"syn_ratio {ratio} x {n_real} real volumes needs {n} synthetic volumes, "
+                         f"only {len(items)} given")
+    rng = np.random.default_rng(_seed_int("aldm-fed/real_syn", int(seed)))
+    pick = np.sort(rng.choice(len(items), size=n, replace=False))
+    return [items[int(i)] for i in pick]
+
+
+def _check_origin(items: Sequence[CaseItem], synthetic: bool, what: str) -> None:
+    wrong = [it.group for it in items if it.synthetic != synthetic]
+    if wrong:
+        kind = "real" if synthetic else "synthetic"
+        raise ValueError(f"{what} holds {kind} item(s) {wrong[:10]}: pass real and synthetic volumes "
+                         "in their own lists")
+
+
+def _training_items(
+    name: str, real: Sequence[CaseItem], syn: Sequence[CaseItem], s: ClassifierSettings, seed: int
+) -> tuple[list[CaseItem], list[CaseItem]]:
+    if name in ("real_only", "real_aug", "oracle"):
+        return list(real), []
+    if name == "real_syn":
+        return list(real), select_synthetic(syn, len(real), s.syn_ratio, seed)
+    return [], list(syn)  # syn_only
+
+
+def run_regime(
+    name: str,
+    train_items_real: Sequence[CaseItem],
+    train_items_syn: Sequence[CaseItem],
+    test_items: Sequence[CaseItem],
+    cfg: Mapping[str, Any] | ClassifierSettings | Any,
+    run_dir: str | os.PathLike[str],
+    seed: int,
+    *,
+    device: DeviceSetup | None = None,
+    overwrite: bool = False,
+) -> RegimeResult:
+    """Train the configured classifier under one regime and test it on real held-out cases.
+
+    Args:
+        name: one of `REGIMES`. For "oracle", `train_items_real` is the large real pool.
+        train_items_real: real training volumes (the K target cases, or the oracle pool).
+        train_items_syn: synthetic volumes (used by real_syn and syn_only; may be empty otherwise).
+        test_items: held-out real volumes of the site.
+        cfg: the `classifier` config group (or `ClassifierSettings`).
+        run_dir: this regime-and-seed's folder.
+        seed: training seed (network init, batch order, augmentation, synthetic draw).
+        device: from `resolve_device`; None = `resolve_device("auto")`.
+        overwrite: retrain even if `run_dir` holds a run with another config.
+
+    Raises:
+        ValueError: unknown regime, synthetic test items, patient leakage, items in the wrong
+            list, no training data for the regime, or a test/train set with one class.
+    """
+    if name not in REGIMES:
+        raise ValueError(f"unknown regime {name!r}; expected one of {REGIMES}")
+    s = ClassifierSettings.from_mapping(cfg)
+    run_dir = Path(run_dir)
+    setup = device or resolve_device("auto")
+
+    # 1. Which volumes train; the guards.
+    check_real_test_items(test_items)
+    _check_origin(train_items_real, False, "train_items_real")
+    _check_origin(train_items_syn, True, "train_items_syn")
+    real, syn = _training_items(name, train_items_real, train_items_syn, s, seed)
+    train_items = real + syn
+    if not train_items:
+        raise ValueError(f"regime {name!r} has no training volumes (real: {len(real)}, synthetic: {len(syn)})")
+    check_no_leakage(training_groups(train_items), [it.group for it in test_items])
+
+    # 2. Tasks.
+    train = s.make_task(train_items)
+    test = s.make_task(test_items)
+    if test.labels.min() == test.labels.max():
+        raise ValueError(f"the real test set holds only class {int(test.labels[0])}: AUC is undefined")
+
+    # 3. Train (same init for every regime at one seed, so regimes differ only in their data).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_int("aldm-fed/classifier-init", int(seed)) % 2**63)
+        model = build_classifier(s.network, train.in_channels)
+    augment = s.augmentation if name == "real_aug" else None
+    identity = {
+        "regime": name,
+        "task": s.task,
+        # Only the chosen family's block: editing an unused block must not void finished runs.
+        "network": {k: s.network[k] for k in ("name", "spatial_dims", s.network["name"])},
+        "train": plain_config(s.train),
+        "augmentation": plain_config(augment) if augment is not None else None,
+        "min_brain_fraction": s.min_brain_fraction,
+        "slice_axis": s.slice_axis,
+        # The volumes themselves: a run dir trained on other cases must not be reused.
+        "train_groups": sorted(it.group for it in train_items),
+    }
+    trained = train_classifier(model, train, run_dir / "train", s.train, seed=seed, augment=augment,
+                               device=setup, config=identity, overwrite=overwrite)
+
+    # 4. Test on the real cases, patient-level bootstrap.
+    y_score = predict_proba(trained.model, test, batch_size=s.predict_batch_size, device=setup)
+    metrics = classification_metrics(test.labels, y_score, test.groups, n_boot=s.n_boot, ci=s.ci,
+                                     threshold=s.threshold, seed=seed)
+    result = RegimeResult(
+        regime=name, seed=seed, task=s.task, network=str(s.network["name"]), metrics=metrics,
+        n_train_cases_real=len(real), n_train_cases_syn=len(syn), n_train_samples=len(train),
+        n_test_cases=len(test_items), steps=s.train.steps, batch_size=s.train.batch_size,
+        run_dir=str(run_dir), y_true=test.labels.copy(), y_score=y_score, groups=test.groups.copy(),
+    )
+    atomic_write_json(run_dir / PREDICTIONS_FILE, {
+        "y_true": result.y_true.tolist(),
+        "y_score": result.y_score.tolist(),
+        "groups": [str(g) for g in result.groups],
+    })
+    atomic_write_json(run_dir / RESULT_FILE, {**result.to_dict(), "identity": identity,
+                                              "class_weights": list(trained.class_weights)})
+    return result
+
+
+def _skipped(name: str, reason: str, s: ClassifierSettings) -> dict[str, Any]:
+    return {"regime": name, "status": "skipped", "reason": reason, "task": s.task,
+            "network": str(s.network["name"])}
+
+
+def run_regimes(
+    train_items_real: Sequence[CaseItem],
+    train_items_syn: Sequence[CaseItem],
+    test_items: Sequence[CaseItem],
+    cfg: Mapping[str, Any] | ClassifierSettings | Any,
+    run_dir: str | os.PathLike[str],
+    *,
+    oracle_items: Sequence[CaseItem] | None = None,
+    regimes: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    device: DeviceSetup | None = None,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Run every regime for every seed and write `run_dir/results.json` (atomically).
+
+    Args:
+        train_items_real: the K real target volumes.
+        train_items_syn: synthetic volumes (empty: real_syn and syn_only are skipped).
+        test_items: held-out real volumes.
+        cfg: the `classifier` config group (or `ClassifierSettings`).
+        run_dir: output folder (one subfolder per regime and seed).
+        oracle_items: many real target volumes for the oracle (None: oracle skipped).
+        regimes: override of `cfg.regimes`.
+        seeds: override of `cfg.seeds`.
+        device: from `resolve_device`; None = auto.
+        overwrite: retrain runs whose folder holds another config.
+
+    Returns:
+        One row per regime: `status` ("ok" / "skipped" + `reason`), counts, and per metric
+        `<m>_mean`, `<m>_std` (over seeds) and `<m>_ci_low` / `<m>_ci_high` (patient-bootstrap
+        interval of the seed-mean, `aggregate_seeds`).
+    """
+    s = ClassifierSettings.from_mapping(cfg)
+    names = tuple(regimes) if regimes is not None else s.regimes
+    bad = [r for r in names if r not in REGIMES]
+    if bad:
+        raise ValueError(f"unknown regime(s) {bad}; expected names from {REGIMES}")
+    seed_list = tuple(seeds) if seeds is not None else s.seeds
+    if not seed_list:
+        raise ValueError("no seeds to run")
+    run_dir = Path(run_dir)
+    setup = device or resolve_device("auto")
+
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for name in names:
+        if name in ("real_syn", "syn_only") and not train_items_syn:
+            rows.append(_skipped(name, "no synthetic volumes given", s))
+            continue
+        if name == "oracle" and not oracle_items:
+            rows.append(_skipped(name, "no oracle cases (the cohort has no large real target pool)", s))
+            continue
+        real = oracle_items if name == "oracle" else train_items_real
+        assert real is not None
+        results = [
+            run_regime(name, real, train_items_syn, test_items, s, run_dir / name / f"seed_{seed}", seed,
+                       device=setup, overwrite=overwrite)
+            for seed in seed_list
+        ]
+        runs += [{**r.row(), "run_dir": r.run_dir} for r in results]
+        first = results[0]
+        agg = aggregate_seeds(first.y_true, [r.y_score for r in results], first.groups, n_boot=s.n_boot,
+                              ci=s.ci, threshold=s.threshold, seed=0)
+        row: dict[str, Any] = {
+            "regime": name, "status": "ok", "task": s.task, "network": first.network,
+            "n_seeds": len(results), "seeds": list(seed_list),
+            "n_train_cases_real": first.n_train_cases_real, "n_train_cases_syn": first.n_train_cases_syn,
+            "n_test_cases": first.n_test_cases, "n_test_samples": agg["n_samples"],
+            "n_test_patients": agg["n_groups"], "steps": first.steps, "batch_size": first.batch_size,
+        }
+        for m in CLASSIFICATION_METRICS:
+            row |= {f"{m}_mean": agg[m]["mean"], f"{m}_std": agg[m]["std"],
+                    f"{m}_ci_low": agg[m]["ci_low"], f"{m}_ci_high": agg[m]["ci_high"]}
+        row["n_boot_valid"] = agg["n_boot_valid"]
+        rows.append(row)
+
+    atomic_write_json(run_dir / RESULTS_FILE, {
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task": s.task,
+        "device": setup.description,
+        "settings": plain_config(s),
+        "notes": {
+            "test": "held-out real cases only",
+            "ci": f"{s.ci:.0%} patient-level bootstrap ({s.n_boot} resamples) of the seed-mean metric",
+            "std": "sample standard deviation over training seeds",
+            "threshold": f"balanced accuracy and F1 at probability >= {s.threshold}",
+        },
+        "table": rows,
+        "runs": runs,
+    })
+    return rows

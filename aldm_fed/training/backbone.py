@@ -1,0 +1,289 @@
+"""Stage 3: the latent diffusion backbone (UNet) and the source-domain ControlNet, trained jointly
+on the cached source latents.
+
+Per step (settings: `cfg.train.backbone`, configs/train/backbone.yaml):
+
+1. Draw a batch of cached latents (x the scale factor) and their tumour masks.
+2. `aldm_fed.diffusion.ldm.diffusion_loss`: noise at random timesteps, UNet (+ concatenated mask)
+   + ControlNet residuals, regress the scheduler's target (epsilon or v from `cfg.scheduler`;
+   velocity for rflow) with the tumour-weighted MSE; each sample's condition is dropped with
+   `model.conditioning.drop_prob` (classifier-free guidance training).
+3. AdamW step on UNet + ControlNet together; EMA of both (`ema_decay`; the sampler uses the EMA).
+
+The ControlNet starts as a copy of the (fresh) UNet's encoder (`controlnet_from_unet`) with
+zero-initialised residual outputs, so the pair starts as the UNet alone. Forward passes run under
+the device's autocast (bf16 on CPUs with native bf16); the loss is computed in float32.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import ControlNet, DiffusionModelUNet
+from monai.networks.schedulers import Scheduler
+from torch import nn
+
+from aldm_fed.checkpoints import plain_config
+from aldm_fed.diffusion.conditioning import ConditioningConfig, conditioning_config, encode_mask
+from aldm_fed.diffusion.ldm import diffusion_loss
+from aldm_fed.diffusion.schedulers import build_scheduler
+from aldm_fed.models import (
+    build_controlnet,
+    build_unet,
+    controlnet_conditioning_scale,
+    controlnet_from_unet,
+    unet_downsample_factor,
+)
+from aldm_fed.training.artifacts import (
+    StageResult,
+    final_is_current,
+    read_metrics_json,
+    remove_final,
+    write_final,
+)
+from aldm_fed.training.common import (
+    OptimSettings,
+    device_setup,
+    init_from_state,
+    loop_config,
+    optimizer_step,
+    run_config,
+    stage_section,
+)
+from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler
+from aldm_fed.training.latents import LatentSet
+from aldm_fed.training.loop import LoopConfig, LoopResult, batch_indices, run_loop
+
+__all__ = ["BACKBONE_DEFAULTS", "diffusion_step_fn", "latent_downsample", "train_backbone"]
+
+BACKBONE_DEFAULTS: dict[str, Any] = {}
+
+
+def latent_downsample(latents: LatentSet) -> int:
+    """Image side / latent side of a latent set (the VAE factor).
+
+    Args:
+        latents: latents with their image-resolution label maps.
+    """
+    image, latent = int(latents.segs[0].shape[-1]), int(latents.latents.shape[-1])
+    if image % latent:
+        raise ValueError(f"latents: image side {image} is not a multiple of the latent side {latent}")
+    return image // latent
+
+
+def check_latent_grid(unet_cfg: Any, latents: LatentSet) -> None:
+    """The UNet halves the latent grid len(channels) - 1 times: every side must allow it.
+
+    Args:
+        unet_cfg: the `model.unet` group.
+        latents: the latents to train on.
+    """
+    factor = unet_downsample_factor(unet_cfg)
+    sides = tuple(int(s) for s in latents.latents.shape[2:])
+    if any(s % factor for s in sides):
+        raise ValueError(
+            f"latent grid {sides} is not divisible by {factor} = 2^(len(model.unet.channels) - 1); "
+            f"pick data.size / model presets that fit (e.g. experiment=tiny|demo|paper)"
+        )
+
+
+def diffusion_step_fn(
+    *,
+    unet: DiffusionModelUNet,
+    controlnet: ControlNet,
+    scheduler: Scheduler,
+    latents: LatentSet,
+    scale_factor: float,
+    cond: ConditioningConfig,
+    conditioning_scale: float,
+    loop: LoopConfig,
+    optim: OptimSettings,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    setup: DeviceSetup,
+    scaler: torch.amp.GradScaler,
+) -> Callable[[int, torch.Generator], dict[str, float]]:
+    """The training step shared by the backbone and the ControlNet stages.
+
+    Which networks learn is decided by `params` / `requires_grad` (the ControlNet stage freezes
+    the UNet).
+
+    Args:
+        unet, controlnet: the networks.
+        scheduler: a fresh scheduler (`build_scheduler`) for this run.
+        latents: the cached latents and masks.
+        scale_factor: multiplies the latents.
+        cond: the conditioning settings (encoding, dropout, tumour weight).
+        conditioning_scale: multiplier on the ControlNet residuals.
+        loop: the loop settings (seed, for the batches).
+        optim: batch size and gradient clipping.
+        optimizer: the optimizer over `params`.
+        params: the trained parameters.
+        setup: device and autocast.
+        scaler: from `make_grad_scaler(setup)` (active only for fp16 on CUDA).
+    """
+
+    def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
+        idx = batch_indices(loop.seed, step, len(latents), optim.batch_size)
+        z0, labels = latents.batch(idx, scale_factor, setup.device)
+        mask = encode_mask(labels, cond.encoding)
+        with autocast_context(setup):
+            loss = diffusion_loss(
+                unet, controlnet, scheduler, z0, mask,
+                cond_drop_prob=cond.drop_prob,
+                tumour_weight=cond.tumour_weight,
+                weight_pool=cond.weight_pool,
+                conditioning_scale=conditioning_scale,
+                generator=generator,
+            )
+        norm = optimizer_step(loss, optimizer, params, scaler, optim.grad_clip)
+        out = {"loss": float(loss.detach())}
+        if norm is not None:
+            out["grad_norm"] = norm
+        return out
+
+    return step_fn
+
+
+def existing_result(
+    stage: str, run_dir: Path, result: LoopResult, loop: LoopConfig, site: str | None = None
+) -> StageResult | None:
+    """The stored result when the loop had nothing left to do and `final/` matches it.
+
+    Args:
+        stage: the stage name.
+        run_dir: the stage directory.
+        result: what run_loop returned.
+        loop: the loop settings.
+        site: the site, for `controlnet`.
+    """
+    if result.resumed_from != loop.max_steps or not final_is_current(run_dir, result.step, result.checkpoint):
+        return None
+    doc = read_metrics_json(run_dir)
+    return StageResult(
+        stage=stage, run_dir=run_dir, checkpoint=run_dir / "final", step=result.step, site=site,
+        resumed_from=result.resumed_from, skipped=True,
+        metrics={k: float(v) for k, v in doc.get("summary", {}).items()},
+    )
+
+
+def train_backbone(
+    cfg: Any,
+    latents: LatentSet,
+    run_dir: str | os.PathLike[str],
+    *,
+    scale_factor: float,
+    sources: Mapping[str, Any] | None = None,
+    init_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> StageResult:
+    """Train (or resume, or just report) the backbone UNet + source ControlNet on `latents`.
+
+    Args:
+        cfg: the composed config (reads `model.{unet, controlnet, conditioning}`, `scheduler`,
+            `train.backbone`, `device`, `seed`).
+        latents: unscaled source latents and their masks (`encode_volumes`).
+        run_dir: the stage directory.
+        scale_factor: the latent scale factor (scale stage).
+        sources: provenance of the inputs (`{"vae": ..., "scale": ...}`, `checkpoint_info`);
+            part of the run's identity and stored in `final/`.
+        init_state: starting weights for a fresh run, ``{"unet": ..., "controlnet": ...}``
+            (either may be left out; federated rounds pass the global weights).
+        progress: show the progress bar.
+        overwrite: discard whatever `run_dir` holds and start at step 0.
+    """
+    run_dir = Path(run_dir)
+    if len(latents) == 0:
+        raise ValueError("train_backbone: no latents to train on")
+    if overwrite:
+        remove_final(run_dir)
+
+    # 1. Settings, device, seed.
+    section = stage_section(cfg, "backbone", BACKBONE_DEFAULTS)
+    optim = OptimSettings.from_section(section)
+    loop = loop_config(section, int(cfg.seed), progress)
+    setup = device_setup(cfg)
+    cond = conditioning_config(cfg.model.conditioning)
+    scheduler = build_scheduler(cfg.scheduler)  # fresh per run: schedulers keep step state
+    check_latent_grid(cfg.model.unet, latents)
+    factor = latent_downsample(latents)
+    torch.manual_seed(int(cfg.seed))
+
+    # 2. Networks: UNet, and a ControlNet copying its encoder.
+    unet = build_unet(cfg.model.unet, latents.latent_channels, cond.unet_mask_channels)
+    controlnet = build_controlnet(
+        cfg.model.unet, cfg.model.controlnet, latents.latent_channels, factor,
+        mask_channels=cond.mask_channels, unet_mask_channels=cond.unet_mask_channels,
+    )
+    controlnet_from_unet(controlnet, unet)
+    unet.to(setup.device)
+    controlnet.to(setup.device)
+    modules: dict[str, nn.Module] = {"unet": unet, "controlnet": controlnet}
+    init_hash = init_from_state(modules, init_state)
+
+    # 3. One optimizer over both networks.
+    params = [*unet.parameters(), *controlnet.parameters()]
+    optimizer = optim.adamw(params)
+    scaler = make_grad_scaler(setup)
+    step_fn = diffusion_step_fn(
+        unet=unet, controlnet=controlnet, scheduler=scheduler, latents=latents,
+        scale_factor=scale_factor, cond=cond,
+        conditioning_scale=controlnet_conditioning_scale(cfg.model.controlnet),
+        loop=loop, optim=optim, optimizer=optimizer, params=params, setup=setup, scaler=scaler,
+    )
+    optimizers: dict[str, Any] = {"adamw": optimizer}
+    if setup.use_grad_scaler:
+        optimizers["scaler"] = scaler
+
+    # 4. What identifies this run: its settings, models, and the exact latents it learns.
+    model_cfg = {
+        "unet": plain_config(cfg.model.unet),
+        "controlnet": plain_config(cfg.model.controlnet),
+        "conditioning": plain_config(cfg.model.conditioning),
+    }
+    config = run_config(
+        cfg, "backbone", section,
+        model=model_cfg, scheduler=cfg.scheduler, data=latents.identity(),
+        scale_factor=scale_factor, sources=dict(sources or {}), init_sha256=init_hash,
+    )
+
+    # 5. The loop.
+    ema_names = ["unet", "controlnet"] if loop.ema_decay is not None else []
+    result = run_loop(
+        run_dir, loop, modules=modules, step_fn=step_fn, optimizers=optimizers, config=config,
+        meta={"stage": "backbone", "scale_factor": scale_factor}, ema_modules=ema_names,
+        overwrite=overwrite, generator_device=setup.device,
+    )
+    done = existing_result("backbone", run_dir, result, loop)
+    if done is not None:
+        return done
+
+    # 6. final/: raw and EMA weights, and everything needed to rebuild and sample them.
+    groups: dict[str, Any] = dict(modules)
+    groups.update({f"ema.{n}": m for n, m in result.ema.items()})
+    summary = dict(result.metrics)
+    meta = {
+        "stage": "backbone",
+        "step": result.step,
+        "loop_checkpoint": result.checkpoint.name,
+        "config": config,
+        "scale_factor": scale_factor,
+        "sources": dict(sources or {}),
+        "model": model_cfg,
+        "scheduler": plain_config(cfg.scheduler),
+        "latent_channels": latents.latent_channels,
+        "vae_downsample": factor,
+        "data": latents.identity(),
+        "train_cases": list(latents.case_ids),
+        "metrics": summary,
+    }
+    path = write_final(run_dir, groups, meta,
+                       {"stage": "backbone", "step": result.step, "summary": summary,
+                        "scale_factor": scale_factor})
+    return StageResult(stage="backbone", run_dir=run_dir, checkpoint=path, metrics=summary,
+                       step=result.step, resumed_from=result.resumed_from)
