@@ -123,7 +123,13 @@ def data_prepare(
     """Preprocess every case once into the training cache (RAS, clip/scale, crop, cube)."""
     from aldm_fed.data.preprocess import prepare_dataset
 
+    from aldm_fed.data.brats import find_cases
+
     cfg = _compose(overrides)
+    if not root.is_dir():
+        _fail(f"{root}: not a folder")
+    if not find_cases(root, str(cfg.data.scheme)):
+        _fail(f"{root}: no BraTS-style case folders found (see `aldm-fed data check {root}`)")
     summary = prepare_dataset(root, out, cfg.data, progress=not no_progress)
     typer.echo(
         f"cache {out} (settings {summary.prep_hash}): {len(summary.prepared)} prepared,"
@@ -167,6 +173,16 @@ def data_manifest(
     if not case_ids:
         _fail(f"{root}: no BraTS-style case folders found")
     table = read_case_labels(labels, case_ids=case_ids) if labels is not None else {}
+    if labels is not None:
+        if not table:
+            _fail(f"{labels}: no row matches a case id under {root} (e.g. {case_ids[0]!r})")
+        columns = sorted({c for row in table.values() for c in row})
+        matches = [c for c in columns if c.lower() == label_column.lower()]  # BraTS 2020: "Grade"
+        if not matches:
+            _fail(f"{labels}: no column {label_column!r} (columns: {columns})")
+        label_column = matches[0]
+        if table.missing:
+            typer.echo(f"warning: {len(table.missing)} case(s) have no row in {labels}", err=True)
     data_root = os.path.relpath(root.resolve(), out.resolve().parent)
     manifest = make_manifest(
         site,
@@ -277,8 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point; turns expected errors into one clear line and exit code 2."""
     try:
         app(args=argv, prog_name="aldm-fed", standalone_mode=True)
-    except (ValueError, FileNotFoundError, PermissionError, KeyError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    except (ValueError, KeyError, OSError) as exc:
+        # OSError covers missing files, folders given for files, full disks: name the file.
+        name = getattr(exc, "filename", None)
+        message = str(exc) if not name or str(name) in str(exc) else f"{name}: {exc.strerror or exc}"
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 
 

@@ -1,14 +1,14 @@
 """Compose Hydra configs for the CLI and the library.
 
 The configs live in the checkout's top-level `configs/` (the design card); a wheel install carries
-a copy inside the package. `compose()` is the one entry: the CLI, tests and (later) the Flower apps
+a copy as data files in `<prefix>/share/aldm-fed/configs` (pyproject `shared-data`). `compose()` is the one entry: the CLI, tests and (later) the Flower apps
 all build their config through it, so a run is fully described by its override list.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
+import sysconfig
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +21,7 @@ def config_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "configs"
     if (checkout / "config.yaml").is_file():
         return checkout
-    installed = Path(str(resources.files("aldm_fed") / "configs"))
+    installed = Path(sysconfig.get_path("data")) / "share" / "aldm-fed" / "configs"
     if (installed / "config.yaml").is_file():
         return installed
     raise FileNotFoundError(

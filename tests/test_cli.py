@@ -86,8 +86,54 @@ def test_bad_override_is_one_clear_line(capsys):
     assert "no_such_key" in capsys.readouterr().err
 
 
-def test_missing_folder_is_reported(tmp_path):
-    result = run("data", "check", str(tmp_path / "nope"), "--no-progress")
-    assert result.returncode != 0
-    assert "nope" in (result.stdout + result.stderr)
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["data", "check", "{tmp}/nope", "--no-progress"], "nope"),
+        (["data", "prepare", "{tmp}/empty", "--out", "{tmp}/cache"], "no BraTS-style case folders"),
+        (["data", "prepare", "{tmp}/nope", "--out", "{tmp}/cache"], "not a folder"),
+        (["data", "check", "{cohort}/A", "--no-progress", "--json", "{tmp}/empty"], "empty"),
+        (["data", "manifest", "{cohort}/A", "--site", "A", "--out", "{tmp}/m.json", "--labels", "{tmp}/blank.csv"], "blank.csv"),
+        (["data", "manifest", "{cohort}/A", "--site", "A", "--out", "{tmp}/m.json", "--labels", "{tmp}/other.csv"], "no row matches"),
+        (["data", "phantom", "--out", "{tmp}/blank.csv", "--no-progress", "phantom=tiny"], "blank.csv"),
+    ],
+)
+def test_bad_input_is_one_clear_error(cohort, tmp_path, args, expected):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.csv").write_text(",,\n , ,\n")
+    (tmp_path / "other.csv").write_text("case_id,grade\nX-1,HGG\n")
+    result = run(*(a.format(tmp=tmp_path, cohort=cohort) for a in args))
+    assert result.returncode in (1, 2), result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    assert expected in result.stdout + result.stderr
 
+
+def test_train_every_stage_then_synthesize(cohort, tmp_path):
+    """The README's generative commands, in order, on the tiny cohort (plumbing, not quality)."""
+    common = [
+        "experiment=tiny", f"paths.cohort={cohort}", f"paths.cache={tmp_path / 'cache'}",
+        f"paths.runs={tmp_path / 'runs'}", "train.vae.max_steps=3", "train.backbone.max_steps=3",
+        "train.controlnet.max_steps=2", "synthesis.num_samples=2", "synthesis.num_steps=3",
+    ]
+    for stage in ("vae", "scale", "backbone"):
+        result = run("train", stage, "--no-progress", *common)
+        assert result.returncode == 0, result.stderr
+    early = run("synthesize", "--no-progress", *common)  # no site given
+    assert early.returncode == 2 and "--site" in early.stderr
+    result = run("train", "controlnet", "--site", "C", "--no-progress", *common)
+    assert result.returncode == 0, result.stderr
+    result = run("synthesize", "--site", "C", "--no-progress", *common)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "runs" / "sites" / "C" / "synthesis"
+    made = sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(made) == 2 and (out / "montage.png").is_file() and (out / "synthesis.json").is_file()
+    again = run("train", "vae", "--no-progress", *common)  # a finished stage is a no-op
+    assert again.returncode == 0 and "skipped: True" in again.stdout
+
+
+def test_stage_order_is_enforced(cohort, tmp_path):
+    result = run(
+        "train", "backbone", "--no-progress", "experiment=tiny", f"paths.cohort={cohort}",
+        f"paths.cache={tmp_path / 'cache'}", f"paths.runs={tmp_path / 'runs'}",
+    )
+    assert result.returncode == 2 and "aldm-fed train vae" in result.stderr

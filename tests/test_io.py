@@ -62,3 +62,14 @@ def test_files_get_normal_permissions_unless_asked(tmp_path):
         os.umask(old)
     assert (tmp_path / "public.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "secret.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_atomic_dir_recovers_from_a_kill_between_its_renames(tmp_path):
+    target = tmp_path / "case"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    os.replace(target, tmp_path / ".case.old")  # what a kill after the first rename leaves
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            raise RuntimeError("killed again")
+    assert (target / "a").read_text() == "1"  # the previous complete version is back

@@ -100,12 +100,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     except IsADirectoryError:
         raise CaseLabelError(f"{path}: is a folder, expected a CSV file") from None
     except UnicodeDecodeError:
-        try:
-            text = path.read_text(encoding="latin-1")
-            if "\x00" in text:
-                raise UnicodeDecodeError("latin-1", b"", 0, 1, "NUL bytes")
-        except UnicodeDecodeError:
-            raise CaseLabelError(f"{path}: not a text CSV file") from None
+        text = path.read_text(encoding="latin-1")  # latin-1 decodes any bytes; NULs are caught below
     except OSError as exc:
         raise CaseLabelError(f"{path}: cannot read label CSV ({exc})") from None
     if "\x00" in text:
@@ -120,6 +115,8 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
         rows = [r for r in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in r)]
     except csv.Error as exc:
         raise CaseLabelError(f"{path}: malformed CSV ({exc})") from None
+    if not rows:
+        raise CaseLabelError(f"{path}: label CSV has no non-blank row")
     header = [h.strip() for h in rows[0]]
     if len(header) < 2:
         raise CaseLabelError(f"{path}: needs a header row with an id column and at least one label column "

@@ -334,13 +334,18 @@ class PrepareSummary:
 
 
 def _fingerprint(files: dict[str, Path]) -> dict[str, list[Any]]:
-    """Name and size of each source file: a changed source is recomputed even with the same config."""
+    """Absolute path, size and modification time of each source file.
+
+    Why all three: a source edited in place (same size) or a case with the same id from another
+    cohort (phantom ids repeat across seeds) must be recomputed, never served from the cache.
+    """
     out = {}
     for role, path in sorted(files.items()):
         try:
-            out[role] = [path.name, path.stat().st_size]
+            st = path.stat()
+            out[role] = [str(path.resolve()), st.st_size, st.st_mtime_ns]
         except OSError:
-            out[role] = [path.name, None]
+            out[role] = [str(path), None, None]
     return out
 
 

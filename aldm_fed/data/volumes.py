@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from aldm_fed.data.brats import DataConfig
-from aldm_fed.data.cache import CacheError, CaseCache
+from aldm_fed.data.cache import CaseCache
 from aldm_fed.data.manifest import SPLITS, SiteManifest, read_manifest
 
 __all__ = [
@@ -279,26 +279,18 @@ def load_volumes(
     Raises:
         ValueError: a case cannot be prepared (its problems are listed).
     """
-    from aldm_fed.data.preprocess import prep_hash, prepare_dataset
+    from aldm_fed.data.preprocess import prepare_dataset
 
     cache_root = Path(cache_root)
     data = DataConfig.from_cfg(data_cfg)
-    wanted_hash = prep_hash(data)
-    cached: set[str] = set()
-    try:
-        cache = CaseCache(cache_root)
-        if cache.prep_hash == wanted_hash:
-            cached = set(cache.ids)
-    except CacheError:
-        pass
 
-    # 1. Prepare what is missing, one data root at a time (prepare_dataset scans a root).
-    missing: dict[Path, list[str]] = {}
+    # 1. Prepare what the cache lacks, one data root at a time (prepare_dataset scans a root).
+    # Cases cached from these very files with these settings are skipped there (a stat and a
+    # header read each), so a case of the same id from another cohort is never reused.
+    by_root: dict[Path, list[str]] = {}
     for case_id, root in case_roots.items():
-        if case_id not in cached:
-            missing.setdefault(Path(root), []).append(case_id)
-    for root, ids in missing.items():
-        log.info("preparing %d case(s) from %s into %s", len(ids), root, cache_root)
+        by_root.setdefault(Path(root), []).append(case_id)
+    for root, ids in by_root.items():
         summary = prepare_dataset(root, cache_root, data, case_ids=ids, progress=progress)
         failed = {cid: probs for cid, probs in summary.failed.items() if cid in ids}
         if failed:

@@ -32,9 +32,9 @@ from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 from monai.networks.schedulers import Scheduler
 
 from aldm_fed.diffusion.conditioning import (
-    NULL_MASK_VALUE,
     keep_condition,
     mask_to_latent_grid,
+    null_condition,
     tumour_weight_map,
 )
 from aldm_fed.diffusion.schedulers import (
@@ -283,7 +283,7 @@ def denoise(
     if prepared.latent_mask is not None:
         lm = prepared.latent_mask.to(z_t.dtype)
         if keep is not None:
-            lm = torch.where(keep.view(-1, 1, 1, 1, 1), lm, torch.full_like(lm, NULL_MASK_VALUE))
+            lm = torch.where(keep.view(-1, 1, 1, 1, 1), lm, null_condition(lm))
         x_in = torch.cat([z_t, lm], dim=1)
     if controlnet is None or prepared.controlnet_cond is None:
         return unet(x_in, t)
@@ -327,7 +327,7 @@ def guided_denoise(
     if prepared.latent_mask is not None:
         lm = prepared.latent_mask.to(z_t.dtype)
         x_cond = torch.cat([z_t, lm], dim=1)
-        x_uncond = torch.cat([z_t, torch.full_like(lm, NULL_MASK_VALUE)], dim=1)
+        x_uncond = torch.cat([z_t, null_condition(lm)], dim=1)
     down2: list[torch.Tensor] | None = None
     mid2: torch.Tensor | None = None
     if controlnet is not None and prepared.controlnet_cond is not None:

@@ -33,6 +33,8 @@ class GenerativeModels:
         conditioning: how masks are encoded and guided.
         modalities: channel names of the image, in order (e.g. ["t1", "t1c", "t2", "flair"]).
         vae_downsample: spatial factor between the image and the latent grid.
+        conditioning_scale: multiplier on the ControlNet residuals (`model.controlnet`'s
+            `conditioning_scale`, as in training).
         provenance: where each network came from (checkpoint paths, steps, hashes), for manifests.
     """
 
@@ -44,6 +46,7 @@ class GenerativeModels:
     conditioning: ConditioningConfig
     modalities: list[str]
     vae_downsample: int
+    conditioning_scale: float = 1.0
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def eval(self) -> GenerativeModels:
@@ -104,6 +107,7 @@ def generate(
         generator=generator,
         progress=progress,
         vae_downsample=models.vae_downsample,
+        conditioning_scale=models.conditioning_scale,
         noise=noise,
     )
     return decode(models.vae, z, models.scale_factor)

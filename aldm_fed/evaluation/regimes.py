@@ -32,7 +32,6 @@ A finished run is not retrained when the same call is repeated (the loop resumes
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,6 +62,7 @@ from aldm_fed.training.classifier import (
     train_classifier,
 )
 from aldm_fed.training.device import DeviceSetup, resolve_device
+from aldm_fed.training.loop import stable_seed
 
 __all__ = [
     "REGIMES",
@@ -271,11 +271,6 @@ class RegimeResult:
         return out
 
 
-def _seed_int(*parts: object) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 def select_synthetic(items: Sequence[CaseItem], n_real: int, ratio: float, seed: int) -> list[CaseItem]:
     """The synthetic volumes of `real_syn`: round(ratio x n_real) of them, drawn without
     replacement by `seed`.
@@ -295,7 +290,7 @@ def select_synthetic(items: Sequence[CaseItem], n_real: int, ratio: float, seed:
     if n > len(items):
         raise ValueError(f"syn_ratio {ratio} x {n_real} real volumes needs {n} synthetic volumes, "
                          f"only {len(items)} given")
-    rng = np.random.default_rng(_seed_int("aldm-fed/real_syn", int(seed)))
+    rng = np.random.default_rng(stable_seed("aldm-fed/real_syn", int(seed)))
     pick = np.sort(rng.choice(len(items), size=n, replace=False))
     return [items[int(i)] for i in pick]
 
@@ -371,7 +366,7 @@ def run_regime(
 
     # 3. Train (same init for every regime at one seed, so regimes differ only in their data).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed_int("aldm-fed/classifier-init", int(seed)) % 2**63)
+        torch.manual_seed(stable_seed("aldm-fed/classifier-init", int(seed)) % 2**63)
         model = build_classifier(s.network, train.in_channels)
     augment = s.augmentation if name == "real_aug" else None
     identity = {
@@ -383,8 +378,10 @@ def run_regime(
         "augmentation": plain_config(augment) if augment is not None else None,
         "min_brain_fraction": s.min_brain_fraction,
         "slice_axis": s.slice_axis,
-        # The volumes themselves: a run dir trained on other cases must not be reused.
+        # The volumes themselves: a run dir trained on other cases must not be reused ...
         "train_groups": sorted(it.group for it in train_items),
+        # ... nor on the same ids with other content (re-synthesised cases, another preprocessing).
+        "train_content": sorted(f"{it.group}={it.content_key}" for it in train_items),
     }
     trained = train_classifier(model, train, run_dir / "train", s.train, seed=seed, augment=augment,
                                device=setup, config=identity, overwrite=overwrite)

@@ -6,6 +6,7 @@ files, arrays made by hand in a test) does not matter past this point:
 
 ```python
 real = items_from_cache(cache, manifest.cases("target"), labels=grade_codes)
+syn = items_from_synthesis("runs/x/sites/A/synthesis", label_map={"HGG": 1, "LGG": 0})
 task = slice_task(real, min_brain_fraction=0.05)     # axial slices, label = any tumour voxel
 task.inputs([0, 5, 7])                               # float32 (3, C, S, S)
 task.groups                                          # patient id per slice
@@ -27,14 +28,19 @@ memory-mapped).
 
 Leakage rules, enforced here and by `regimes.run_regime`: a patient is never on both sides of a
 train/test split (`check_no_leakage`), and the test side is always real (`check_real_test_items`).
-A synthetic volume's `source_group` (the real patient whose mask conditioned it) counts as a
-training patient, because the tumour layout of that patient went into training through it.
+A synthetic volume's `source_groups` (the real patient whose mask conditioned it, and the host
+patient whose brain received it) count as training patients, because that patient's tumour layout
+and that host's anatomy (brain mask, grid) went into training through it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +54,7 @@ __all__ = [
     "encode_case_labels",
     "item_from_cached",
     "items_from_cache",
+    "items_from_synthesis",
     "make_task",
     "slice_labels",
     "slice_task",
@@ -69,9 +76,12 @@ class CaseItem:
             volume: the mask it was generated from.
         label: case-level label as 0/1 (volume task), or None.
         synthetic: True for generated volumes; they may train but never test.
-        source_group: for a synthetic volume, the real patient whose mask conditioned it (if
-            known); used by the leakage guard.
+        source_groups: for a synthetic volume, the real patients behind it: the one whose mask
+            conditioned it and the host whose brain received it (`items_from_synthesis` fills
+            both); used by the leakage guard.
         brain: optional (S, S, S) brain mask; without it "brain" is any voxel > 0 in any channel.
+        content_key: what the volume's content depends on, for run identities (a synthetic
+            case's record hash, a cached case's `prep_hash`); None when unknown.
     """
 
     image: np.ndarray
@@ -79,8 +89,9 @@ class CaseItem:
     seg: np.ndarray | None = None
     label: int | None = None
     synthetic: bool = False
-    source_group: str | None = None
+    source_groups: tuple[str, ...] = ()
     brain: np.ndarray | None = field(default=None, repr=False)
+    content_key: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.group, str) or not self.group:
@@ -96,8 +107,15 @@ class CaseItem:
             raise ValueError(f"{self.group}: label must be 0, 1 or None, got {self.label!r}")
         if not isinstance(self.synthetic, bool):
             raise ValueError(f"{self.group}: synthetic must be True/False, got {self.synthetic!r}")
-        if self.source_group is not None and not self.synthetic:
-            raise ValueError(f"{self.group}: source_group is only meaningful for synthetic items")
+        if isinstance(self.source_groups, str) or not all(
+            isinstance(g, str) and g for g in self.source_groups
+        ):
+            raise ValueError(
+                f"{self.group}: source_groups must be a tuple of patient ids, got {self.source_groups!r}"
+            )
+        object.__setattr__(self, "source_groups", tuple(self.source_groups))
+        if self.source_groups and not self.synthetic:
+            raise ValueError(f"{self.group}: source_groups is only meaningful for synthetic items")
 
     @property
     def channels(self) -> int:
@@ -150,8 +168,10 @@ def item_from_cached(case: Any, label: int | None = None, *, synthetic: bool = F
         label: its case label as 0/1, if the task needs one.
         synthetic: whether the cached volume is a generated one.
     """
+    prep = case.meta.get("prep_hash") if isinstance(getattr(case, "meta", None), dict) else None
     return CaseItem(image=case.image, seg=case.seg, brain=case.brain, label=label,
-                    group=str(case.case_id), synthetic=synthetic)
+                    group=str(case.case_id), synthetic=synthetic,
+                    content_key=None if prep is None else f"prep:{prep}")
 
 
 def items_from_cache(
@@ -171,6 +191,70 @@ def items_from_cache(
             raise ValueError(f"case {case_id!r} has no entry in labels")
         out.append(item_from_cached(cache.load(case_id), label))
     return out
+
+
+def items_from_synthesis(
+    out_dir: str | os.PathLike[str], *, label_map: Mapping[str, int] | None = None
+) -> list[CaseItem]:
+    """Synthetic `CaseItem`s from an `aldm-fed synthesize` output folder.
+
+    Reads `synthesis.json` (modalities, sample order), each case's `record.json` and NIfTI files,
+    and `labels.csv` (the case label). Each item's `source_groups` holds the mask's source case
+    and the host case; its `content_key` is the hash of its record (settings hash, seed, mask
+    transforms), so a re-synthesised case gets a new key.
+
+    Args:
+        out_dir: the synthesis output folder.
+        label_map: raw case label (labels.csv) -> 0/1, for the volume task; None = no labels.
+
+    Raises:
+        ValueError: a missing or incomplete folder, or a label the map does not know.
+    """
+    import csv
+
+    import nibabel as nib
+
+    from aldm_fed.synthesis.writer import LABELS_NAME, MANIFEST_NAME, read_record
+
+    out = Path(out_dir)
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{out}: no readable synthesis.json ({exc}); run `aldm-fed synthesize` first") from None
+    if not manifest.get("complete"):
+        raise ValueError(f"{out}: the synthesis run is not complete; rerun `aldm-fed synthesize` to finish it")
+    modalities = list(manifest["model"]["modalities"])
+    raw_labels: dict[str, str] = {}
+    column = (manifest.get("settings") or {}).get("label_column", "grade")
+    if (out / LABELS_NAME).is_file():
+        with open(out / LABELS_NAME, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row.get(column):
+                    raw_labels[row["case_id"]] = row[column]
+    items = []
+    for sample in manifest["samples"]:
+        sid = str(sample["synth_id"])
+        folder = out / sid
+        record = read_record(folder, sid, modalities)
+        if record is None:
+            raise ValueError(f"{folder}: missing, incomplete or without a readable record.json")
+        files = record["files"]
+        image = np.stack([np.asarray(nib.load(str(folder / files[m])).dataobj, dtype=np.float32)
+                          for m in modalities])
+        seg = np.asarray(nib.load(str(folder / files["seg"])).dataobj, dtype=np.uint8)
+        label = None
+        if label_map is not None:
+            raw = raw_labels.get(sid, record.get("label"))
+            if raw is None or raw not in label_map:
+                raise ValueError(
+                    f"{sid}: label {raw!r} in {out / LABELS_NAME} is not in label_map {sorted(label_map)}"
+                )
+            label = int(label_map[raw])
+        sources = tuple(dict.fromkeys(str(record[k]) for k in ("source_case", "host_case") if record.get(k)))
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+        items.append(CaseItem(image=image, seg=seg, group=sid, label=label, synthetic=True,
+                              source_groups=sources, content_key=f"record:{digest}"))
+    return items
 
 
 def _axis(axis: int) -> int:
@@ -354,8 +438,8 @@ def make_task(task: str, items: Sequence[CaseItem], *, min_brain_fraction: float
 
 
 def training_groups(items: Iterable[CaseItem]) -> set[str]:
-    """Patients a training set draws on: each item's group, plus the real patient behind each
-    synthetic item (`source_group`).
+    """Patients a training set draws on: each item's group, plus the real patients behind each
+    synthetic item (`source_groups`: mask source and host).
 
     Args:
         items: the training volumes.
@@ -363,8 +447,7 @@ def training_groups(items: Iterable[CaseItem]) -> set[str]:
     out: set[str] = set()
     for it in items:
         out.add(it.group)
-        if it.source_group is not None:
-            out.add(it.source_group)
+        out.update(it.source_groups)
     return out
 
 

@@ -6,9 +6,10 @@ Per site, in order:
    indices; sample i takes the mask of `mask_cases[i mod M]` and a host drawn by (seed, i).
 2. Skip every sample whose folder is already complete (same settings); refuse to mix in folders
    made with other settings.
-3. For the rest, in fixed batches of indices: make the masks (`masks.make_masks`), sample images
-   with `aldm_fed.diffusion.pipeline.generate` (DDIM / RFlow, classifier-free guidance), clip to
-   [0, 1], zero outside the host brain, and write each case folder atomically.
+3. For the rest, in batches of `batch_size` missing indices: make the masks (`masks.make_masks`),
+   draw each sample's initial noise, sample images with `aldm_fed.diffusion.pipeline.generate`
+   (DDIM / RFlow, classifier-free guidance), clip to [0, 1], zero outside the host brain, and write
+   each case folder atomically.
 4. Write `synthesis.json`, `labels.csv` and `montage.png` from every complete folder.
 
 Why the host's brain mask and affine: the generator draws a whole brain from the tumour mask alone
@@ -19,10 +20,12 @@ outside the host brain gives it the host's skull-stripped extent, like every cac
 outside the brain). The tumour lies inside the host brain by construction, so it is never cut.
 Turn it off with `synthesis.mask_outside_brain=false`.
 
-Determinism: masks depend only on (seed, index). The sampling noise of batch k depends on
-(seed, k, batch_size); samples in a batch are generated together, so a resumed run regenerates a
-partly written batch as a whole and writes only its missing cases: with the same batch size the
-result equals an uninterrupted run's.
+Determinism: masks depend only on (seed, index), and so does each sample's initial latent noise
+(`sample_noise`: `SeedSequence([seed, index])`, drawn on the CPU). With the deterministic samplers
+(DDIM with eta = 0, the default, and RFlow) a case is therefore the same whatever the batch size,
+the device's batch composition or which cases a resumed run still had to make. The stochastic ones
+(DDPM, DDIM with eta > 0) also draw noise at every step, from a generator seeded by the batch's
+first index: their cases are reproducible for the same batches only.
 
 Each `record.json` (and `synthesis.json`'s `samples`) holds an `extra` object, empty here: later
 audits (e.g. the memorisation check against the nearest real training case) add their per-sample
@@ -62,7 +65,7 @@ from aldm_fed.synthesis.writer import (
     write_synthetic_case,
 )
 
-__all__ = ["MANIFEST_VERSION", "SynthesisSummary", "sampling_settings", "synth_id", "synthesize"]
+__all__ = ["MANIFEST_VERSION", "SynthesisSummary", "sample_noise", "sampling_settings", "synth_id", "synthesize"]
 
 MANIFEST_VERSION = 1
 log = logging.getLogger(__name__)
@@ -154,9 +157,22 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str, sort_keys=True))
 
 
-def _noise_seed(seed: int, batch_start: int, batch_size: int) -> int:
-    state = np.random.SeedSequence([seed, batch_start, batch_size, 0x5EED]).generate_state(2, np.uint32)
+def _seed_of(*entropy: int) -> int:
+    state = np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
     return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
+
+
+def sample_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
+    """The initial latent noise of synthetic sample `index`: float32 on the CPU, a function of
+    (seed, index) only (`SeedSequence([seed, index])`), so no sample depends on its batch.
+
+    Args:
+        seed: the synthesis seed.
+        index: the sample index.
+        shape: the latent shape of one sample (latent_channels, d, h, w).
+    """
+    generator = torch.Generator().manual_seed(_seed_of(seed, index))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
 def _check_inputs(
@@ -265,6 +281,7 @@ def synthesize(
     settings_hash = _settings_hash({
         "settings": identity, "seed": seed, "site": site, "mask_cases": mask_cases, "host_cases": host_cases,
         "labels": mask_labels, "sampling": sampling, "model": model_info, "prep_hash": cache.prep_hash,
+        "noise": "per-index",  # sample_noise(seed, index); folders of the older per-batch noise differ
     })
     header = {
         "version": MANIFEST_VERSION,
@@ -306,9 +323,11 @@ def synthesize(
     if n_skipped:
         log.info("synthesize %s: %d of %d cases already complete in %s", site, n_skipped, n_total, out_dir)
 
-    # 3. the missing ones, in fixed batches of indices
+    # 3. the missing ones, in batches of missing indices (each sample's noise is its own)
     param = next(models.unet.parameters())
     device = param.device
+    f = int(models.vae_downsample)
+    latent_shape = (int(models.unet.out_channels), *(cache.size // f,) * 3)
     sampling_models = replace(models, scheduler_cfg=sampling["scheduler"])  # same networks, sampler swapped
     hosts: dict[str, CachedCase] = {}
     n_made = 0
@@ -317,15 +336,14 @@ def synthesize(
     bar = tqdm(total=n_total, initial=n_skipped, desc=f"synthesize {site}", unit="case", disable=not progress)
     try:
         B = cfg.batch_size
-        for start in range(0, n_total, B):
-            batch = list(range(start, min(start + B, n_total)))
-            todo = [i for i in batch if i not in records]
-            if not todo:
-                continue
+        missing = [i for i in range(n_total) if i not in records]
+        for start in range(0, len(missing), B):
+            batch = missing[start : start + B]
             masks = make_masks(cache, mask_cases, host_cases, mask_labels, cfg.masks, seed=seed,
                                indices=batch, host=cfg.host)
-            noise_seed = _noise_seed(seed, start, B)
-            generator = torch.Generator(device=device).manual_seed(noise_seed)
+            noise = torch.stack([sample_noise(seed, i, latent_shape) for i in batch])
+            # per-step noise of the stochastic samplers only (DDPM, DDIM with eta > 0)
+            generator = torch.Generator(device=device).manual_seed(_seed_of(seed, batch[0], 0x5EED))
             seg_t = torch.from_numpy(np.stack([m.seg for m in masks]).astype(np.int64)).to(device)
             images = generate(
                 sampling_models,
@@ -333,6 +351,7 @@ def synthesize(
                 num_steps=sampling["num_steps"],
                 guidance_scale=sampling["guidance_scale"],
                 generator=generator,
+                noise=noise.to(device=device, dtype=param.dtype),
             )
             images = images.detach().float().cpu().numpy()
             if images.shape[1] != len(modalities):
@@ -340,16 +359,14 @@ def synthesize(
                     f"the model generated {images.shape[1]} channels but lists modalities {modalities}"
                 )
             for k, m in enumerate(masks):
-                if m.index not in todo:
-                    continue
                 if m.host_case not in hosts:
                     hosts[m.host_case] = cache.load(m.host_case)
                 host = hosts[m.host_case]
                 image = np.clip(images[k], 0.0, 1.0)
                 if cfg.mask_outside_brain:
                     image = image * (np.asarray(host.brain) > 0)[None]
-                record = _record(m, ids[m.index], site, seed, noise_seed, start, B, sampling, cfg,
-                                 settings_hash, modalities, host.affine)
+                record = _record(m, ids[m.index], site, seed, sampling, cfg, settings_hash, modalities,
+                                 host.affine)
                 write_synthetic_case(out_dir, ids[m.index], image, m.seg, host.affine, modalities, record)
                 records[m.index] = record
                 n_made += 1
@@ -383,9 +400,6 @@ def _record(
     sid: str,
     site: str,
     seed: int,
-    noise_seed: int,
-    batch_start: int,
-    batch_size: int,
     sampling: Mapping[str, Any],
     cfg: SynthesisConfig,
     settings_hash: str,
@@ -405,8 +419,7 @@ def _record(
         "label_column": cfg.label_column,
         "mask": {k: v for k, v in mask_rec.items() if k not in ("index", "source_case", "host_case", "label")},
         "seed": seed,
-        "noise_seed": noise_seed,
-        "batch": {"start": batch_start, "size": batch_size},
+        "noise": {"seed_sequence": [seed, mask.index]},  # the initial latent noise (sample_noise)
         "sampler": sampling["sampler"],
         "num_steps": sampling["num_steps"],
         "guidance_scale": sampling["guidance_scale"],

@@ -10,16 +10,19 @@ runs/<run_name>/
                                     meta: stage, step, model.vae, modalities, vae_downsample,
                                     data (case-id hash, prep_hash), metrics (held-out PSNR/SSIM)
     metrics.json                    last training metrics + held-out reconstruction metrics
-  latents/<vae_sha16>-<prep_hash>/  posterior-mean latents, UNSCALED, one <case_id>.npy each
+  latents/<vae_sha16>-<weights>-<precision>-<prep_hash>/
+                                    posterior-mean latents, UNSCALED, one <case_id>.npy each,
     index.json                      float32 (latent_channels, S/f, S/f, S/f); encoded once per VAE
-                                    checkpoint and preprocessing, shared by every later stage
+                                    checkpoint, weight kind (ema|raw), precision and preprocessing,
+                                    shared by every later stage
   scale/
     final/                          checkpoint: group "stats" (count, sum, sum_sq: float64);
-                                    meta: scale_factor = 1 / std, sources.vae (path, sha256)
+                                    meta: scale_factor = 1 / std, sources.vae (sha256)
     metrics.json
   backbone/                         run_loop directory (UNet + source ControlNet, trained jointly)
     final/                          groups "unet", "ema.unet", "controlnet", "ema.controlnet";
-                                    meta: scale_factor, sources.vae, model.{unet, controlnet,
+                                    meta: scale_factor, sources.vae (sha256, weights: the VAE
+                                    weights that encoded the latents), model.{unet, controlnet,
                                     conditioning}, scheduler, latent_channels
     metrics.json
   sites/<site>/controlnet/          run_loop directory (the site's ControlNet; backbone frozen)
@@ -30,8 +33,9 @@ runs/<run_name>/
 
 Every `final/` is written atomically after the stage's last step, from the run's last
 checkpoint, so a `final/` exists only for a complete stage. Later stages read only `final/`
-checkpoints, and record the sha256 of each one they used (`sources`), so a stale chain (a VAE
-retrained after its backbone) is detected rather than silently mixed.
+checkpoints, and record the sha256 of each one they used (`sources`, `checkpoint_identity`: never
+a path, so a moved run folder still resumes), so a stale chain (a VAE retrained after its
+backbone) is detected rather than silently mixed.
 
 `load_generative_models(cfg, site)` turns these checkpoints into the
 `aldm_fed.diffusion.pipeline.GenerativeModels` bundle that synthesis and evaluation use. Networks
@@ -56,7 +60,7 @@ from aldm_fed.checkpoints import Checkpoint, CheckpointError, load_checkpoint, s
 from aldm_fed.diffusion.conditioning import conditioning_config
 from aldm_fed.diffusion.pipeline import GenerativeModels
 from aldm_fed.io import atomic_write_json
-from aldm_fed.models import build_controlnet, build_unet, build_vae
+from aldm_fed.models import build_controlnet, build_unet, build_vae, controlnet_conditioning_scale
 
 __all__ = [
     "FINAL_DIR",
@@ -65,11 +69,15 @@ __all__ = [
     "MissingStageError",
     "RunLayout",
     "StageResult",
+    "LATENT_VAE_WEIGHTS",
+    "checkpoint_identity",
     "checkpoint_info",
     "controlnet_weights",
+    "existing_result",
     "load_backbone_unet",
     "load_final",
     "load_generative_models",
+    "latent_vae_weights",
     "load_vae",
     "read_metrics_json",
     "write_final",
@@ -82,6 +90,10 @@ FINAL_DIR = "final"
 METRICS_JSON = "metrics.json"
 LATENTS_DIR = "latents"
 SITES_DIR = "sites"
+# Which VAE weights encode the cached latents: EMA when the checkpoint has them, else raw. The
+# kind actually used is recorded with the backbone (`sources.vae.weights`), and sampling decodes
+# with the same weights.
+LATENT_VAE_WEIGHTS = "ema"
 
 # What to run when a stage's checkpoint is missing.
 _HINTS = {
@@ -274,8 +286,22 @@ def load_final(
     return load_checkpoint(path, groups=groups)
 
 
+def checkpoint_identity(ckpt: Checkpoint) -> dict[str, Any]:
+    """What a later stage depends on in a checkpoint: the sha256 of its weights, nothing else.
+
+    This (not `checkpoint_info`) goes into run identities and `sources`, so moving the run folder
+    or naming it by an absolute instead of a relative path does not make a run "different".
+
+    Args:
+        ckpt: a loaded checkpoint.
+    """
+    return {"sha256": ckpt.meta["weights"]["sha256"]}
+
+
 def checkpoint_info(ckpt: Checkpoint) -> dict[str, Any]:
-    """Provenance of a checkpoint: path, step, sha256 of its weights.
+    """Provenance of a checkpoint for humans (manifests, logs): path, step, sha256.
+
+    Not for run identities: use `checkpoint_identity`.
 
     Args:
         ckpt: a loaded checkpoint.
@@ -309,39 +335,86 @@ def final_is_current(run_dir: Path, step: int, loop_checkpoint: Path) -> bool:
     return True
 
 
+def existing_result(
+    stage: str, run_dir: Path, result: Any, loop: Any, site: str | None = None
+) -> StageResult | None:
+    """The stored result when the loop had nothing left to do and `final/` matches it.
+
+    Args:
+        stage: the stage name.
+        run_dir: the stage directory.
+        result: what run_loop returned (`LoopResult`).
+        loop: the loop settings (`LoopConfig`).
+        site: the site, for `controlnet`.
+    """
+    if result.resumed_from != loop.max_steps or not final_is_current(run_dir, result.step, result.checkpoint):
+        return None
+    doc = read_metrics_json(run_dir)
+    return StageResult(
+        stage=stage, run_dir=run_dir, checkpoint=run_dir / FINAL_DIR, step=result.step, site=site,
+        resumed_from=result.resumed_from, skipped=True,
+        metrics={k: float(v) for k, v in doc.get("summary", {}).items()},
+    )
+
+
 # ---------------------------------------------------------------------- the generative bundle
 
 
-def _weights(ckpt: Checkpoint, name: str, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+def _weights(
+    ckpt: Checkpoint, name: str, use_ema: bool, weights: str | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     ema = f"ema.{name}"
+    if weights is not None:  # pinned by a record: exactly these, never a fallback
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"{ckpt.path}: weights must be 'ema' or 'raw', got {weights!r}")
+        group = ema if weights == "ema" else name
+        if group not in ckpt.tensors:
+            raise ValueError(f"{ckpt.path} has no {group!r} weights, but they are the ones recorded as used")
+        return ckpt.tensors[group], weights
     if use_ema and ema in ckpt.tensors:
         return ckpt.tensors[ema], "ema"
     return ckpt.tensors[name], "raw"
 
 
-def load_vae(ckpt: Checkpoint, *, use_ema: bool = True) -> tuple[AutoencoderKL, str]:
+def latent_vae_weights(vae_ckpt: Checkpoint) -> str:
+    """"ema" or "raw": the VAE weights the latent cache is encoded with (`LATENT_VAE_WEIGHTS`,
+    when the checkpoint has them).
+
+    Args:
+        vae_ckpt: the VAE stage's final checkpoint.
+    """
+    return _weights(vae_ckpt, "vae", LATENT_VAE_WEIGHTS == "ema")[1]
+
+
+def load_vae(
+    ckpt: Checkpoint, *, use_ema: bool = True, weights: str | None = None
+) -> tuple[AutoencoderKL, str]:
     """The VAE of a `vae/final` checkpoint, rebuilt from the model config stored in it.
 
     Args:
         ckpt: the VAE stage's final checkpoint.
         use_ema: take EMA weights when present.
+        weights: "ema" or "raw" exactly (overrides `use_ema`; an error when absent).
 
     Returns:
         (VAE in eval mode, "ema" or "raw").
     """
     meta = ckpt.meta
     vae = build_vae(meta["model"]["vae"], in_channels=len(meta["modalities"]))
-    state, kind = _weights(ckpt, "vae", use_ema)
+    state, kind = _weights(ckpt, "vae", use_ema, weights)
     vae.load_state_dict(state)
     return vae.eval(), kind
 
 
-def load_backbone_unet(ckpt: Checkpoint, *, use_ema: bool = True) -> tuple[DiffusionModelUNet, str]:
+def load_backbone_unet(
+    ckpt: Checkpoint, *, use_ema: bool = True, weights: str | None = None
+) -> tuple[DiffusionModelUNet, str]:
     """The UNet of a `backbone/final` checkpoint, rebuilt from the model config stored in it.
 
     Args:
         ckpt: the backbone stage's final checkpoint.
         use_ema: take EMA weights when present (what the sampler and the ControlNet stage use).
+        weights: "ema" or "raw" exactly (overrides `use_ema`; an error when absent).
 
     Returns:
         (UNet in eval mode, "ema" or "raw").
@@ -349,7 +422,7 @@ def load_backbone_unet(ckpt: Checkpoint, *, use_ema: bool = True) -> tuple[Diffu
     meta = ckpt.meta
     cond = conditioning_config(meta["model"]["conditioning"])
     unet = build_unet(meta["model"]["unet"], int(meta["latent_channels"]), cond.unet_mask_channels)
-    state, kind = _weights(ckpt, "unet", use_ema)
+    state, kind = _weights(ckpt, "unet", use_ema, weights)
     unet.load_state_dict(state)
     return unet.eval(), kind
 
@@ -376,16 +449,24 @@ def load_generative_models(
 ) -> GenerativeModels:
     """The site's generative bundle from the run's `final/` checkpoints.
 
-    VAE (stage vae), latent scale factor and backbone UNet (stage backbone; EMA weights when
-    present), and the ControlNet: the site's adapted one (`sites/<site>/controlnet/final`) when it
-    exists, else the source ControlNet trained with the backbone. `provenance["controlnet"]["kind"]`
-    says which ("site" or "source") and why.
+    VAE (stage vae), latent scale factor and backbone UNet (stage backbone), and the ControlNet:
+    the site's adapted one (`sites/<site>/controlnet/final`) when it exists, else the source
+    ControlNet trained with the backbone. `provenance["controlnet"]["kind"]` says which ("site"
+    or "source") and why.
+
+    Every network gets the weights it was trained against, where a checkpoint records them:
+    - the VAE: the weights that encoded the backbone's latents (`sources.vae.weights` of the
+      backbone; older backbones: `LATENT_VAE_WEIGHTS`, what encoded them);
+    - the UNet, with a site ControlNet: the backbone weights that ControlNet was adapted to
+      (`sources.backbone.weights`, i.e. `train.controlnet.backbone_weights`).
+    `use_ema` picks only what no record pins: the ControlNet's own weights, and the UNet when it
+    runs with the source ControlNet (then both take EMA or both raw, as trained together).
 
     Args:
         cfg: the composed config (only `paths.runs` is read).
         site: the site whose ControlNet to use; None = the source ControlNet.
         device: where to put the networks (default: CPU).
-        use_ema: take EMA weights where the checkpoint has them.
+        use_ema: take EMA weights where the checkpoint has them and no record pins the choice.
 
     Returns:
         The bundle, in eval mode.
@@ -393,31 +474,22 @@ def load_generative_models(
     Raises:
         MissingStageError: the VAE or the backbone stage has not run.
         ValueError: the checkpoints do not belong together (e.g. the VAE was retrained after the
-            backbone was trained on its latents).
+            backbone was trained on its latents), or recorded weights are missing.
     """
     layout = RunLayout.from_cfg(cfg)
     vae_ckpt = load_final(layout, "vae", needed_by="synthesis")
     bb_ckpt = load_final(layout, "backbone", needed_by="synthesis")
     vae_info, bb_info = checkpoint_info(vae_ckpt), checkpoint_info(bb_ckpt)
-    used_vae = bb_ckpt.meta.get("sources", {}).get("vae", {}).get("sha256")
-    if used_vae != vae_info["sha256"]:
+    bm = bb_ckpt.meta
+    used_vae = bm.get("sources", {}).get("vae", {})
+    if used_vae.get("sha256") != vae_info["sha256"]:
         raise ValueError(
             f"the backbone at {bb_ckpt.path} was trained on latents of another VAE checkpoint "
-            f"(sha256 {used_vae}) than the one at {vae_ckpt.path} ({vae_info['sha256']}); rerun "
-            f"`aldm-fed train scale` and `aldm-fed train backbone` (overwrite), or restore that VAE"
+            f"(sha256 {used_vae.get('sha256')}) than the one at {vae_ckpt.path} ({vae_info['sha256']}); "
+            f"rerun `aldm-fed train scale` and `aldm-fed train backbone` (overwrite), or restore that VAE"
         )
 
-    # 1. VAE, architecture from its own checkpoint.
-    vm = vae_ckpt.meta
-    vae, vae_kind = load_vae(vae_ckpt, use_ema=use_ema)
-
-    # 2. Backbone UNet, with the conditioning it was trained with.
-    bm = bb_ckpt.meta
-    cond = conditioning_config(bm["model"]["conditioning"])
-    latent_channels = int(bm["latent_channels"])
-    unet, unet_kind = load_backbone_unet(bb_ckpt, use_ema=use_ema)
-
-    # 3. ControlNet: the site's adapted one, else the source one.
+    # 1. The ControlNet checkpoint: the site's adapted one, else the source one.
     cn_ckpt, kind, reason = bb_ckpt, "source", "no site given"
     if site is not None:
         path = layout.final("controlnet", site)
@@ -434,6 +506,20 @@ def load_generative_models(
             reason = f"site {site} has no adapted ControlNet at {path}; using the source one"
             log.warning(reason)
     cm = cn_ckpt.meta
+
+    # 2. VAE: the weights that encoded the latents the backbone learned (decode = inverse of encode).
+    vm = vae_ckpt.meta
+    vae_pin = used_vae.get("weights") or latent_vae_weights(vae_ckpt)
+    vae, vae_kind = load_vae(vae_ckpt, weights=vae_pin)
+
+    # 3. Backbone UNet, with the conditioning it was trained with; a site ControlNet pins which
+    #    of its weights (the ones it was adapted against).
+    cond = conditioning_config(bm["model"]["conditioning"])
+    latent_channels = int(bm["latent_channels"])
+    unet_pin = cm.get("sources", {}).get("backbone", {}).get("weights") if kind == "site" else None
+    unet, unet_kind = load_backbone_unet(bb_ckpt, use_ema=use_ema, weights=unet_pin)
+
+    # 4. The ControlNet network, from the model config stored with it.
     controlnet = build_controlnet(
         cm["model"]["unet"],
         cm["model"]["controlnet"],
@@ -448,8 +534,10 @@ def load_generative_models(
     scale_factor = float(bm["scale_factor"])
     provenance = {
         "run": str(layout.root),
-        "vae": {**vae_info, "weights": vae_kind},
-        "backbone": {**bb_info, "weights": unet_kind},
+        "vae": {**vae_info, "weights": vae_kind,
+                "pinned_by": "backbone sources.vae.weights" if used_vae.get("weights") else "latent default"},
+        "backbone": {**bb_info, "weights": unet_kind,
+                     "pinned_by": "site ControlNet sources.backbone.weights" if unet_pin else None},
         "controlnet": {**checkpoint_info(cn_ckpt), "weights": cn_kind, "kind": kind,
                        "site": site, "reason": reason},
         "scale_factor": scale_factor,
@@ -463,6 +551,7 @@ def load_generative_models(
         conditioning=cond,
         modalities=list(vm["modalities"]),
         vae_downsample=int(vm["vae_downsample"]),
+        conditioning_scale=controlnet_conditioning_scale(cm["model"]["controlnet"]),
         provenance=provenance,
     )
     if device is not None:

@@ -17,6 +17,7 @@ the device's autocast (bf16 on CPUs with native bf16); the loss is computed in f
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,8 +41,7 @@ from aldm_fed.models import (
 )
 from aldm_fed.training.artifacts import (
     StageResult,
-    final_is_current,
-    read_metrics_json,
+    existing_result,
     remove_final,
     write_final,
 )
@@ -52,13 +52,17 @@ from aldm_fed.training.common import (
     loop_config,
     optimizer_step,
     run_config,
+    scheduler_identity,
     stage_section,
+    warn_weight_copy,
 )
 from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler
 from aldm_fed.training.latents import LatentSet
-from aldm_fed.training.loop import LoopConfig, LoopResult, batch_indices, run_loop
+from aldm_fed.training.loop import LoopConfig, batch_indices, run_loop
 
-__all__ = ["BACKBONE_DEFAULTS", "diffusion_step_fn", "latent_downsample", "train_backbone"]
+__all__ = ["BACKBONE_DEFAULTS", "diffusion_step_fn", "existing_result", "latent_downsample", "train_backbone"]
+
+log = logging.getLogger(__name__)
 
 BACKBONE_DEFAULTS: dict[str, Any] = {}
 
@@ -149,28 +153,6 @@ def diffusion_step_fn(
     return step_fn
 
 
-def existing_result(
-    stage: str, run_dir: Path, result: LoopResult, loop: LoopConfig, site: str | None = None
-) -> StageResult | None:
-    """The stored result when the loop had nothing left to do and `final/` matches it.
-
-    Args:
-        stage: the stage name.
-        run_dir: the stage directory.
-        result: what run_loop returned.
-        loop: the loop settings.
-        site: the site, for `controlnet`.
-    """
-    if result.resumed_from != loop.max_steps or not final_is_current(run_dir, result.step, result.checkpoint):
-        return None
-    doc = read_metrics_json(run_dir)
-    return StageResult(
-        stage=stage, run_dir=run_dir, checkpoint=run_dir / "final", step=result.step, site=site,
-        resumed_from=result.resumed_from, skipped=True,
-        metrics={k: float(v) for k, v in doc.get("summary", {}).items()},
-    )
-
-
 def train_backbone(
     cfg: Any,
     latents: LatentSet,
@@ -190,7 +172,7 @@ def train_backbone(
         latents: unscaled source latents and their masks (`encode_volumes`).
         run_dir: the stage directory.
         scale_factor: the latent scale factor (scale stage).
-        sources: provenance of the inputs (`{"vae": ..., "scale": ...}`, `checkpoint_info`);
+        sources: the inputs (`{"vae": ..., "scale": ...}`, `checkpoint_identity`: sha256 only);
             part of the run's identity and stored in `final/`.
         init_state: starting weights for a fresh run, ``{"unet": ..., "controlnet": ...}``
             (either may be left out; federated rounds pass the global weights).
@@ -220,7 +202,7 @@ def train_backbone(
         cfg.model.unet, cfg.model.controlnet, latents.latent_channels, factor,
         mask_channels=cond.mask_channels, unet_mask_channels=cond.unet_mask_channels,
     )
-    controlnet_from_unet(controlnet, unet)
+    warn_weight_copy(controlnet_from_unet(controlnet, unet), log, "backbone")
     unet.to(setup.device)
     controlnet.to(setup.device)
     modules: dict[str, nn.Module] = {"unet": unet, "controlnet": controlnet}
@@ -248,7 +230,7 @@ def train_backbone(
     }
     config = run_config(
         cfg, "backbone", section,
-        model=model_cfg, scheduler=cfg.scheduler, data=latents.identity(),
+        model=model_cfg, scheduler=scheduler_identity(cfg.scheduler), data=latents.identity(),
         scale_factor=scale_factor, sources=dict(sources or {}), init_sha256=init_hash,
     )
 

@@ -5,7 +5,8 @@ The stage holds only the model math; `run_loop` does resume, seeding, checkpoint
 1. Class weights from the training labels (class-balanced BCE: each class carries half the loss).
 2. `step_fn(step, generator)`: batch = `batch_indices(seed, step, N, batch_size)`, optional
    classic augmentation (MONAI random flips, small affine, intensity scale and gamma) seeded from
-   the step's generator, forward under the device's autocast, weighted BCE, AdamW step.
+   the step's generator, forward under the device's autocast, weighted BCE, AdamW step through
+   `optimizer_step` (a GradScaler for fp16 on CUDA, checkpointed with the optimizer).
 3. `predict_proba`: sigmoid of the logits, in eval mode, float32.
 
 A finished run directory is not retrained: `run_loop` finds the final checkpoint, loads the
@@ -26,7 +27,8 @@ from torch import nn
 
 from aldm_fed.checkpoints import plain_config
 from aldm_fed.evaluation.tasks import TaskData
-from aldm_fed.training.device import DeviceSetup, autocast_context, resolve_device
+from aldm_fed.training.common import optimizer_step
+from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler, resolve_device
 from aldm_fed.training.loop import LoopConfig, LoopResult, batch_indices, run_loop
 
 __all__ = [
@@ -264,6 +266,11 @@ def train_classifier(
     labels = torch.as_tensor(data.labels, dtype=torch.float32)
     aug_fn = build_augmentation(augment, data.sample_shape) if augment is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    scaler = make_grad_scaler(setup)  # active only for fp16 on CUDA
+    optimizers: dict[str, Any] = {"classifier": opt}
+    if setup.use_grad_scaler:
+        optimizers["scaler"] = scaler
     n = len(data)
 
     def step_fn(step: int, generator: torch.Generator) -> dict[str, float]:
@@ -280,9 +287,7 @@ def train_classifier(
         # The loss in fp32: bf16 logits lose the small margins BCE cares about.
         weight = y * w1 + (1.0 - y) * w0
         loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), y, weight=weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(loss, opt, params, scaler, None)
         return {"loss": loss.detach(), "lr": cfg.lr}
 
     loop_cfg = LoopConfig(
@@ -305,7 +310,7 @@ def train_classifier(
         loop_cfg,
         modules={"classifier": model},
         step_fn=step_fn,
-        optimizers={"classifier": opt},
+        optimizers=optimizers,
         config=config,
         meta={"stage": "classifier"},
         overwrite=overwrite,

@@ -6,7 +6,9 @@
 - `run_config` is what identifies a stage's run to `run_loop`: only the config that stage depends
   on (its own train section at key `train`, so the loop's resumable keys `train.max_steps`, ... stay
   resumable; its model groups; its inputs' checkpoint hashes), never the whole composed config
-  (else changing the backbone's lr would make a finished VAE run "different").
+  (else changing the backbone's lr would make a finished VAE run "different"). Inputs enter by
+  the sha256 of their weights only (`artifacts.checkpoint_identity`), never a path, and the
+  scheduler without its sampling-only keys (`scheduler_identity`).
 - `optimizer_step`: backward (through a GradScaler only for fp16 on CUDA), optional gradient
   clipping, step.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "loop_config",
     "optimizer_step",
     "run_config",
+    "scheduler_identity",
     "stage_section",
     "state_sha256",
 ]
@@ -177,6 +180,32 @@ def run_config(cfg: Any, stage: str, section: Mapping[str, Any], **parts: Any) -
             **parts,
         }
     )
+
+
+# Scheduler keys read only by the sampler: changing them does not change what a stage trains.
+SAMPLING_ONLY_SCHEDULER_KEYS: tuple[str, ...] = ("num_inference_steps", "eta")
+
+
+def scheduler_identity(scheduler_cfg: Any) -> dict[str, Any]:
+    """The scheduler config as a run identity: without `SAMPLING_ONLY_SCHEDULER_KEYS`.
+
+    Args:
+        scheduler_cfg: the `scheduler` group.
+    """
+    plain = plain_config(scheduler_cfg)
+    return {k: v for k, v in plain.items() if k not in SAMPLING_ONLY_SCHEDULER_KEYS}
+
+
+def warn_weight_copy(report: Any, log: Any, what: str) -> None:
+    """Log a warning when `controlnet_from_unet` left tensors at their init for a shape mismatch.
+
+    Args:
+        report: its `WeightCopyReport`.
+        log: the caller's logger.
+        what: who copied, for the message.
+    """
+    if report.shape_mismatch:
+        log.warning("%s: ControlNet initialised from the UNet, but %s", what, report)
 
 
 def state_sha256(state: Mapping[str, Mapping[str, torch.Tensor]]) -> str:

@@ -10,6 +10,9 @@ what a federated site keeps to itself.
 
 from __future__ import annotations
 
+import dataclasses
+
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,26 +27,25 @@ from aldm_fed.diffusion.conditioning import conditioning_config
 from aldm_fed.diffusion.schedulers import build_scheduler
 from aldm_fed.models import build_controlnet, controlnet_conditioning_scale, controlnet_from_unet
 from aldm_fed.models._cfg import get_str
-from aldm_fed.training.artifacts import StageResult, remove_final, write_final
-from aldm_fed.training.backbone import (
-    check_latent_grid,
-    diffusion_step_fn,
-    existing_result,
-    latent_downsample,
-)
+from aldm_fed.training.artifacts import StageResult, existing_result, remove_final, write_final
+from aldm_fed.training.backbone import check_latent_grid, diffusion_step_fn, latent_downsample
 from aldm_fed.training.common import (
     OptimSettings,
     device_setup,
     init_from_state,
     loop_config,
     run_config,
+    scheduler_identity,
     stage_section,
+    warn_weight_copy,
 )
 from aldm_fed.training.device import make_grad_scaler
 from aldm_fed.training.latents import LatentSet
 from aldm_fed.training.loop import run_loop
 
 __all__ = ["CONTROLNET_DEFAULTS", "INIT_CHOICES", "controlnet_section", "train_controlnet"]
+
+log = logging.getLogger(__name__)
 
 INIT_CHOICES = ("source", "unet")
 CONTROLNET_DEFAULTS: dict[str, Any] = {"init": "source", "backbone_weights": "ema"}
@@ -132,7 +134,8 @@ def train_controlnet(
     )
     init_kind = (init_kind or "given") if init_state else "unet"
     if not init_state:
-        controlnet_from_unet(controlnet, unet)  # the backbone's encoder, zero residual outputs
+        # the backbone's encoder, zero residual outputs
+        warn_weight_copy(controlnet_from_unet(controlnet, unet), log, f"controlnet ({site})")
     init_hash = init_from_state({"controlnet": controlnet}, init_state)
     controlnet.to(setup.device)
     modules: dict[str, nn.Module] = {"controlnet": controlnet}
@@ -141,9 +144,11 @@ def train_controlnet(
     params = list(controlnet.parameters())
     optimizer = optim.adamw(params)
     scaler = make_grad_scaler(setup)
+    # No condition dropout here: a dropped sample reaches only the frozen backbone (the guidance
+    # branch it already learned), so it would be a step with zero gradient.
     step_fn = diffusion_step_fn(
         unet=unet, controlnet=controlnet, scheduler=scheduler, latents=latents,
-        scale_factor=scale_factor, cond=cond,
+        scale_factor=scale_factor, cond=dataclasses.replace(cond, drop_prob=0.0),
         conditioning_scale=controlnet_conditioning_scale(cfg.model.controlnet),
         loop=loop, optim=optim, optimizer=optimizer, params=params, setup=setup, scaler=scaler,
     )
@@ -159,7 +164,7 @@ def train_controlnet(
     }
     config = run_config(
         cfg, "controlnet", section,
-        site=site, model=model_cfg, scheduler=cfg.scheduler, data=latents.identity(),
+        site=site, model=model_cfg, scheduler=scheduler_identity(cfg.scheduler), data=latents.identity(),
         scale_factor=scale_factor, sources=dict(sources or {}),
         init={"kind": init_kind, "sha256": init_hash},
     )

@@ -145,13 +145,13 @@ def _describe(precision: str) -> str:
     return "fp32" if precision == "fp32" else f"{precision} autocast"
 
 
-def autocast_context(setup: DeviceSetup) -> contextlib.AbstractContextManager[Any]:
+def autocast_context(setup: DeviceSetup | None) -> contextlib.AbstractContextManager[Any]:
     """The autocast context for `setup`: `torch.autocast(...)` or a no-op for fp32.
 
     Args:
-        setup: from `resolve_device`.
+        setup: from `resolve_device`; None = plain fp32 (a no-op).
     """
-    if setup.autocast_dtype is None:
+    if setup is None or setup.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=setup.device.type, dtype=setup.autocast_dtype)
 

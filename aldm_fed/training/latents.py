@@ -2,8 +2,11 @@
 
 Diffusion training never runs the VAE encoder per step: every case is encoded once (posterior
 mean, UNSCALED) and saved as `<case_id>.npy` under `runs/<name>/latents/<key>/`, where the key
-names the VAE checkpoint (first 16 hex of its weights' sha256) and the preprocessing (`prep_hash`).
-A retrained VAE or other preprocessing gets a new folder, so stale latents are never reused. The
+names the VAE checkpoint (first 16 hex of its weights' sha256), which of its weights encoded
+(`ema` | `raw`), the encoder's precision (`fp32` | `bf16` | `fp16`) and the preprocessing
+(`prep_hash`). A retrained VAE, other weights, another precision or other preprocessing gets a new
+folder, and a folder whose `index.json` disagrees with what is asked for is re-encoded, so stale
+latents are never reused. The
 scale factor is applied when a batch is drawn (`LatentSet.batch`), so the same files serve the
 scale statistics, the backbone and every site's ControlNet.
 
@@ -38,14 +41,46 @@ log = logging.getLogger(__name__)
 INDEX = "index.json"
 
 
-def latent_cache_key(vae_sha256: str, prep_hash: str) -> str:
-    """Folder name of the latents of one (VAE checkpoint, preprocessing) pair.
+# index.json fields that must match for cached latents to be reused.
+_INDEX_CHECKED = ("precision", "prep_hash", "vae.sha256", "vae.weights")
+
+
+def latent_cache_key(vae_sha256: str, prep_hash: str, *, weights: str, precision: str) -> str:
+    """Folder name of the latents of one (VAE checkpoint, weights, precision, preprocessing).
 
     Args:
         vae_sha256: sha256 of the VAE checkpoint's weights.
         prep_hash: the cache's preprocessing hash.
+        weights: which of the checkpoint's weights encode: "ema" or "raw".
+        precision: the encoder's resolved precision ("fp32", "bf16", "fp16").
     """
-    return f"{vae_sha256[:16]}-{prep_hash}"
+    return f"{vae_sha256[:16]}-{weights}-{precision}-{prep_hash}"
+
+
+def _index_fields(doc: dict[str, Any]) -> dict[str, Any]:
+    vae = doc.get("vae") if isinstance(doc.get("vae"), dict) else {}
+    return {"precision": doc.get("precision"), "prep_hash": doc.get("prep_hash"),
+            "vae.sha256": vae.get("sha256"), "vae.weights": vae.get("weights")}
+
+
+def _open_cache(folder: Path, index: dict[str, Any]) -> None:
+    """Create `folder`'s index.json, or check it: on any mismatch the old latents are deleted."""
+    path = folder / INDEX
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = {}
+        want, have = _index_fields(index), _index_fields(stored if isinstance(stored, dict) else {})
+        # Only fields this call knows about are compared (cache_info may leave the VAE out).
+        differs = [k for k in _INDEX_CHECKED if want[k] is not None and have[k] != want[k]]
+        if not differs:
+            return
+        log.warning("latent cache %s was encoded with other %s (%s != %s); encoding again", folder,
+                    differs, [have[k] for k in differs], [want[k] for k in differs])
+        for npy in folder.glob("*.npy"):
+            npy.unlink()
+    atomic_write_json(path, index)
 
 
 @dataclass
@@ -130,7 +165,9 @@ def encode_volumes(
         volumes: the cases.
         setup: device and autocast for the encoder (default: CPU fp32).
         cache_dir: folder of `<case_id>.npy` files (see the module docstring); None = no cache.
-        cache_info: recorded in the cache's index.json when it is created (VAE path, sha256, ...).
+        cache_info: recorded in the cache's index.json (`{"vae": {"sha256", "weights"}}`); an
+            existing index.json that disagrees with it, the precision or the preprocessing makes
+            the folder's latents be encoded again.
         progress: show a progress bar over the cases to encode.
 
     Returns:
@@ -140,10 +177,10 @@ def encode_volumes(
 
     device = setup.device if setup is not None else torch.device("cpu")
     folder = Path(cache_dir) if cache_dir is not None else None
-    if folder is not None and not (folder / INDEX).is_file():
+    if folder is not None:
         precision = setup.precision if setup is not None else "fp32"
-        atomic_write_json(folder / INDEX, {**(cache_info or {}), "precision": precision,
-                                           "prep_hash": volumes.prep_hash, "scaled": False})
+        _open_cache(folder, {**(cache_info or {}), "precision": precision,
+                             "prep_hash": volumes.prep_hash, "scaled": False})
     vae.eval()
     out: list[torch.Tensor] = []
     todo = 0
@@ -161,7 +198,7 @@ def encode_volumes(
                 z = None
         if z is None:
             x = volumes.images_batch([i], device)
-            with autocast_context(setup) if setup is not None else _null():
+            with autocast_context(setup):
                 z = encode(vae, x, 1.0)[0]
             z = z.float().cpu()
             todo += 1
@@ -179,9 +216,3 @@ def encode_volumes(
         sites=list(volumes.sites),
         key=folder.name if folder is not None else "",
     )
-
-
-def _null() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()

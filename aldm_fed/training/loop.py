@@ -88,6 +88,7 @@ __all__ = [
     "config_hash",
     "find_latest_checkpoint",
     "run_loop",
+    "stable_seed",
     "step_seed",
 ]
 
@@ -191,10 +192,19 @@ class LoopResult:
 # ---------------------------------------------------------------------------- seeding helpers
 
 
-def _mix(*parts: object) -> int:
-    # A stable 63-bit hash: Python's hash() is salted for str and may change across versions.
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts`, the same in every process and Python version.
+
+    Python's `hash()` is salted for str, so seeds are derived from blake2b of `repr(parts)`.
+
+    Args:
+        *parts: e.g. a purpose tag, the run seed and a step or item index.
+    """
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+_mix = stable_seed
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -179,7 +179,8 @@ def compute_scale(
     Args:
         latents: unscaled latents of the source set.
         run_dir: the stage directory (`runs/<name>/scale`).
-        sources: input checkpoints, at least `{"vae": checkpoint_info(vae_ckpt)}`.
+        sources: input checkpoints, at least `{"vae": checkpoint_identity(vae_ckpt)}` (sha256
+            only: a moved run folder must still match).
         data: identity of the source set (recorded).
     """
     run_dir = Path(run_dir)

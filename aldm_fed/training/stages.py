@@ -31,8 +31,9 @@ from aldm_fed.training.artifacts import (
     MissingStageError,
     RunLayout,
     StageResult,
-    checkpoint_info,
+    checkpoint_identity,
     controlnet_weights,
+    latent_vae_weights,
     load_backbone_unet,
     load_final,
     load_vae,
@@ -114,14 +115,14 @@ def _scale(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool) -> S
     if overwrite:
         remove_final(layout.stage_dir("scale"))
     return compute_scale(latents, layout.stage_dir("scale"),
-                         sources={"vae": checkpoint_info(vae_ckpt)}, data=volumes.identity())
+                         sources={"vae": _vae_source(vae_ckpt)}, data=volumes.identity())
 
 
 def _backbone(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool) -> StageResult:
     # 1. Inputs: VAE and scale factor, which must belong together.
     vae_ckpt = load_final(layout, "vae", needed_by="backbone")
     scale_ckpt = load_final(layout, "scale", needed_by="backbone")
-    vae_info = checkpoint_info(vae_ckpt)
+    vae_info = _vae_source(vae_ckpt)
     if scale_ckpt.meta.get("sources", {}).get("vae", {}).get("sha256") != vae_info["sha256"]:
         raise MissingStageError(
             f"the scale factor at {scale_ckpt.path} was computed for another VAE checkpoint than "
@@ -139,7 +140,7 @@ def _backbone(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool) -
     return train_backbone(
         cfg, latents, layout.stage_dir("backbone"),
         scale_factor=float(scale_ckpt.meta["scale_factor"]),
-        sources={"vae": vae_info, "scale": checkpoint_info(scale_ckpt)},
+        sources={"vae": vae_info, "scale": checkpoint_identity(scale_ckpt)},
         progress=progress, overwrite=overwrite,
     )
 
@@ -165,7 +166,7 @@ def _controlnet(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool)
     # 2. Inputs: the VAE and the backbone trained on its latents.
     vae_ckpt = load_final(layout, "vae", needed_by="controlnet")
     bb_ckpt = load_final(layout, "backbone", needed_by="controlnet")
-    vae_info, bb_info = checkpoint_info(vae_ckpt), checkpoint_info(bb_ckpt)
+    vae_info, bb_info = _vae_source(vae_ckpt), checkpoint_identity(bb_ckpt)
     if bb_ckpt.meta.get("sources", {}).get("vae", {}).get("sha256") != vae_info["sha256"]:
         raise MissingStageError(
             f"the backbone at {bb_ckpt.path} was trained on another VAE checkpoint than "
@@ -195,15 +196,20 @@ def _controlnet(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool)
 # ------------------------------------------------------------------------------------ helpers
 
 
+def _vae_source(vae_ckpt: Checkpoint) -> dict[str, Any]:
+    """The VAE as later stages record it: sha256 and the weights that encode the latents."""
+    return {**checkpoint_identity(vae_ckpt), "weights": latent_vae_weights(vae_ckpt)}
+
+
 def _latents(cfg: Any, layout: RunLayout, vae_ckpt: Checkpoint, volumes: VolumeSet, progress: bool) -> LatentSet:
     """Latents of `volumes` under the VAE of `vae_ckpt`, from (or into) the run's latent cache."""
-    info = checkpoint_info(vae_ckpt)
-    folder = layout.latents_dir(latent_cache_key(info["sha256"], volumes.prep_hash))
+    info = _vae_source(vae_ckpt)
     setup = device_setup(cfg)
-    vae, kind = load_vae(vae_ckpt)
+    vae, kind = load_vae(vae_ckpt, weights=info["weights"])
+    key = latent_cache_key(info["sha256"], volumes.prep_hash, weights=kind, precision=setup.precision)
     vae.to(setup.device)
-    return encode_volumes(vae, volumes, setup=setup, cache_dir=folder,
-                          cache_info={"vae": {**info, "weights": kind}}, progress=progress)
+    return encode_volumes(vae, volumes, setup=setup, cache_dir=layout.latents_dir(key),
+                          cache_info={"vae": info}, progress=progress)
 
 
 def _with_backbone_models(cfg: Any, backbone_meta: dict[str, Any]) -> Any:

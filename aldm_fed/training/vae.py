@@ -22,9 +22,11 @@ Loss per step (settings: `cfg.train.vae`, configs/train/vae.yaml):
   state dict, e.g. RadImageNet's, used slice-wise "fake 3D" and per channel). Off is logged; a
   path that cannot be used is an error, never a silent fallback.
 
-After the last step the VAE is evaluated on held-out cases (posterior-mean reconstruction,
+After the last step the VAE can be evaluated on held-out cases (posterior-mean reconstruction,
 clamped to [0, 1]): PSNR and SSIM (MONAI metrics, data range 1) per case and their means go into
-the `final/` checkpoint's metadata and `metrics.json`.
+the `final/` checkpoint's metadata and `metrics.json`. Off by default (`eval.split: none`): the
+cohort has no validation split, and reporting on `test` by default invites tuning on the test
+cases; `eval.split=test` turns it on for a final report.
 """
 
 from __future__ import annotations
@@ -46,8 +48,7 @@ from aldm_fed.models import build_vae, vae_downsample_factor
 from aldm_fed.models._cfg import as_plain_dict, check_keys, get_float, get_int, get_str
 from aldm_fed.training.artifacts import (
     StageResult,
-    final_is_current,
-    read_metrics_json,
+    existing_result,
     remove_final,
     write_final,
 )
@@ -86,9 +87,9 @@ VAE_DEFAULTS: dict[str, Any] = {
     "perceptual_weight": 1e-3,
     "perceptual_weights": None,
     "perceptual_network": "resnet50",
-    "eval": {"split": "test", "max_cases": 8},
+    "eval": {"split": "none", "max_cases": 8},
 }
-EVAL_DEFAULTS: dict[str, Any] = {"split": "test", "max_cases": 8}
+EVAL_DEFAULTS: dict[str, Any] = {"split": "none", "max_cases": 8}
 GROUP = "train.vae"
 
 
@@ -227,25 +228,25 @@ def reconstruction_metrics(
     Returns:
         {"psnr": mean, "ssim": mean, "n_cases": N, "cases": {case_id: {"psnr", "ssim"}}}.
     """
-    from monai.metrics import PSNRMetric, SSIMMetric
+    from monai.metrics import PSNRMetric
+
+    from aldm_fed.evaluation.metrics import ssim_per_pair  # evaluation imports no training module
 
     device = setup.device if setup is not None else torch.device("cpu")
     vae.eval()
     size = volumes.size or int(volumes.images[0].shape[-1])
     win = 11 if size >= 32 else max(3, (size // 4) | 1)  # SSIM window must fit the volume
     psnr_fn = PSNRMetric(max_val=1.0)
-    ssim_fn = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=win)
     cases: dict[str, dict[str, float]] = {}
     for i, case_id in enumerate(volumes.case_ids):
         x = volumes.images_batch([i], device)
-        ctx = autocast_context(setup) if setup is not None else torch.autocast("cpu", enabled=False)
-        with ctx:
+        with autocast_context(setup):
             z_mu, _ = vae.encode(x)
             recon = vae.decode(z_mu)
         recon = recon.float().clamp(0.0, 1.0)
         cases[case_id] = {
             "psnr": float(psnr_fn(recon, x).mean()),
-            "ssim": float(ssim_fn(recon, x).mean()),
+            "ssim": float(ssim_per_pair(x.cpu(), recon.cpu(), data_range=1.0, win_size=win).mean()),
         }
     n = len(cases)
     return {
@@ -392,13 +393,10 @@ def train_vae(
     )
 
     # 7. Already finished earlier: report the existing result.
-    if result.resumed_from == loop.max_steps and final_is_current(run_dir, result.step, result.checkpoint):
-        doc = read_metrics_json(run_dir)
-        return StageResult(
-            stage="vae", run_dir=run_dir, checkpoint=run_dir / "final", step=result.step,
-            resumed_from=result.resumed_from, skipped=True,
-            metrics={k: float(v) for k, v in doc.get("summary", {}).items()}, notes=notes,
-        )
+    done = existing_result("vae", run_dir, result, loop)
+    if done is not None:
+        done.notes = notes
+        return done
 
     # 8. Held-out reconstruction quality (of the EMA weights when there are some).
     final_vae = result.ema.get("vae", vae)

@@ -227,6 +227,25 @@ def test_changed_source_file_is_recomputed(tmp_path):
     assert prepare_dataset(root, tmp_path / "C", BASE, progress=False).prepared == [CID]
 
 
+def test_same_size_edit_and_same_id_from_another_cohort_are_recomputed(tmp_path):
+    import os
+    import shutil
+
+    root = tmp_path / "src"
+    folder = make_case(root, CID)
+    prepare_dataset(root, tmp_path / "C", BASE, progress=False)
+    seg = folder / f"{CID}-seg.nii.gz"
+    size, stat = seg.stat().st_size, seg.stat()
+    os.utime(seg, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # edited in place, same size
+    assert seg.stat().st_size == size
+    assert prepare_dataset(root, tmp_path / "C", BASE, progress=False).prepared == [CID]
+
+    other = tmp_path / "other"  # a second cohort with a case of the same id
+    shutil.copytree(root, other)
+    assert prepare_dataset(other, tmp_path / "C", BASE, progress=False).prepared == [CID]
+    assert str(other) in str(CaseCache(tmp_path / "C").load(CID).meta["source_fingerprint"])
+
+
 def test_case_ids_subset_and_unknown_id(tmp_path, cohort):
     s = prepare_dataset(cohort, tmp_path / "C", BASE, case_ids=[CID, "nope"], progress=False)
     assert s.prepared == [CID] and s.failed["nope"][0].code == "not-found"

@@ -48,7 +48,7 @@ def blob_case(i: int, *, synthetic: bool = False, tumour: bool = True, seed: int
     image = np.stack([img, 0.8 * img]).clip(0, 1)
     group = f"syn-{i:03d}" if synthetic else f"P{i:03d}"
     return CaseItem(image=image, seg=seg, group=group, label=int(tumour), synthetic=synthetic,
-                    source_group=source)
+                    source_groups=(source,) if source else ())
 
 
 ALEX_TINY = {"channels": [8, 16, 16, 16], "hidden": 16, "dropout": 0.0, "stem_kernel": 3, "stem_stride": 1}
@@ -228,7 +228,12 @@ def test_volume_regime_runs(tmp_path: Path) -> None:
     real = [blob_case(i, tumour=bool(i % 2)) for i in range(4)]
     test = [blob_case(60 + i, tumour=bool(i % 2)) for i in range(4)]
     result = run_regime("real_aug", real, [], test, cfg, tmp_path, seed=0, device=CPU)
-    assert result.metrics["n_samples"] == 4 and 0.0 <= result.metrics["auc"]["value"] <= 1.0
+    from sklearn.metrics import roc_auc_score
+
+    assert result.metrics["n_samples"] == 4
+    # The reported AUC is that of the predictions written next to it (4 volumes, labels 0 1 0 1).
+    assert result.y_true.tolist() == [0, 1, 0, 1]
+    assert result.metrics["auc"]["value"] == pytest.approx(roc_auc_score(result.y_true, result.y_score))
     assert result.task == "volume" and result.network == "resnet"
 
 
@@ -269,3 +274,35 @@ def test_select_synthetic() -> None:
     assert len(select_synthetic(SYN, n_real=4, ratio=0.5, seed=0)) == 2
     with pytest.raises(ValueError, match="needs 8 synthetic volumes, only 6"):
         select_synthetic(SYN, n_real=4, ratio=2.0, seed=0)
+
+
+def test_classifier_steps_through_the_shared_optimizer_step(tmp_path: Path, monkeypatch) -> None:
+    # fp16 on CUDA needs the GradScaler that `optimizer_step` applies; the classifier must use it.
+    from aldm_fed.training import classifier as classifier_module
+
+    calls: list[Any] = []
+    real_step = classifier_module.optimizer_step
+
+    def spy(loss, optimizer, params, scaler, grad_clip, **kw):
+        calls.append(scaler)
+        return real_step(loss, optimizer, params, scaler, grad_clip, **kw)
+
+    monkeypatch.setattr(classifier_module, "optimizer_step", spy)
+    run_regime("real_only", REAL[:2], [], TEST[:2], slice_cfg(steps=2), tmp_path, seed=0, device=CPU)
+    assert len(calls) == 2 and all(isinstance(s, torch.amp.GradScaler) for s in calls)
+    assert not calls[0].is_enabled()  # a no-op off fp16/CUDA
+
+
+def test_classifier_run_is_not_reused_for_other_content(tmp_path: Path) -> None:
+    # Same patient ids, other content (re-synthesised / re-preprocessed): a new run, not a stale one.
+    def keyed(items: list[CaseItem], key: str) -> list[CaseItem]:
+        return [CaseItem(image=it.image, seg=it.seg, group=it.group, label=it.label, synthetic=it.synthetic,
+                         source_groups=it.source_groups, content_key=key) for it in items]
+
+    cfg = slice_cfg(steps=2)
+    run_regime("real_only", keyed(REAL[:2], "prep:a"), [], TEST[:2], cfg, tmp_path, seed=0, device=CPU)
+    run_regime("real_only", keyed(REAL[:2], "prep:a"), [], TEST[:2], cfg, tmp_path, seed=0, device=CPU)
+    with pytest.raises(ValueError, match="different config"):
+        run_regime("real_only", keyed(REAL[:2], "prep:b"), [], TEST[:2], cfg, tmp_path, seed=0, device=CPU)
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["identity"]["train_content"] == ["P000=prep:a", "P001=prep:a"]

@@ -34,7 +34,8 @@ def item(group: str, tumour_slices: tuple[int, ...] = (3, 5), *, synthetic: bool
     for k in tumour_slices:
         seg[3, 4, k] = 2 if k % 2 else 1  # one voxel of any tumour label marks the slice
     image[0, :, :, :] += np.arange(S, dtype=np.float32) / 100  # slice k is recognisable by its value
-    return CaseItem(image=image, seg=seg, group=group, synthetic=synthetic, label=label, source_group=source)
+    return CaseItem(image=image, seg=seg, group=group, synthetic=synthetic, label=label,
+                    source_groups=(source,) if source else ())
 
 
 def test_slice_labels_from_a_hand_made_mask() -> None:
@@ -100,7 +101,9 @@ def test_case_item_validation() -> None:
     with pytest.raises(ValueError, match=r"\(C, S, S, S\)"):
         CaseItem(image=image[0], group="P1")
     with pytest.raises(ValueError, match="source_group"):
-        CaseItem(image=image, group="P1", source_group="P0")
+        CaseItem(image=image, group="P1", source_groups=("P0",))
+    with pytest.raises(ValueError, match="tuple of patient ids"):
+        CaseItem(image=image, group="S1", synthetic=True, source_groups="P0")  # a str is not a tuple
     with pytest.raises(ValueError, match="tumour mask"):
         slice_task([CaseItem(image=image, group="P1")])
 

@@ -23,7 +23,7 @@ from aldm_fed.config import compose
 from aldm_fed.data.manifest import SiteManifest, write_manifest
 from aldm_fed.data.phantom import PhantomConfig, make_cohort
 from aldm_fed.data.volumes import VolumeSet, load_split
-from aldm_fed.diffusion.ldm import compute_scale_factor, encode
+from aldm_fed.diffusion.ldm import compute_scale_factor, decode, encode
 from aldm_fed.diffusion.pipeline import generate
 from aldm_fed.training.artifacts import (
     MissingStageError,
@@ -50,6 +50,7 @@ from aldm_fed.training.vae import (
 # A few steps per stage: shapes and plumbing, not quality.
 FAST = [
     "train.vae.max_steps=4", "train.vae.ckpt_every=2",
+    "train.vae.eval.split=test",  # off by default (configs/train/vae.yaml); these tests check it
     "train.backbone.max_steps=4", "train.backbone.ckpt_every=2",
     "train.controlnet.max_steps=3", "train.controlnet.ckpt_every=2",
 ]
@@ -184,11 +185,14 @@ def test_scale_factor_round_trips(pipeline: dict[str, Any]):
     assert scale_factor_from_stats(a + b) == pytest.approx(compute_scale_factor(unscaled), rel=1e-6)
     assert LatentStats.from_dict((a + b).to_dict()) == LatentStats.merge([a, b])
     assert latent_statistics(models.vae, source).count == unscaled.numel()
-    # ... and decode divides by the same factor encode multiplied with.
+    # ... and ldm.decode divides by the same factor ldm.encode multiplied with.
     with torch.no_grad():
         x = source.images_batch([0])
         mu, _ = models.vae.encode(x)
-        assert torch.allclose(models.vae.decode(mu), models.vae.decode(encode(models.vae, x, factor) / factor), atol=1e-5)
+        z = encode(models.vae, x, factor)
+        assert torch.allclose(z, mu * factor)
+        assert torch.allclose(decode(models.vae, z, factor), models.vae.decode(mu), atol=1e-5)
+        assert not torch.allclose(decode(models.vae, z, 1.0), models.vae.decode(mu), atol=1e-3)
 
 
 def test_generative_models_bundle_generates_volumes(pipeline: dict[str, Any]):
@@ -351,3 +355,94 @@ def test_perceptual_off_is_logged(data_root: Path, tmp_path: Path, caplog: pytes
         result = train_vae(cfg, volumes, tmp_path / "v1", progress=False)
     assert any("perceptual loss: off" in r.getMessage() for r in caplog.records)
     assert any("perceptual loss: off" in n for n in result.notes)
+
+
+# ------------------------------------------------------------------- identity and weight pairing
+
+
+def _copy_runs(pipeline: dict[str, Any], dest: Path) -> Path:
+    """The pipeline's VAE, scale and backbone (and latents) in another folder, no site ControlNet."""
+    shutil.copytree(pipeline["layout"].root, dest, ignore=shutil.ignore_patterns("sites"))
+    return dest
+
+
+def test_site_controlnet_samples_with_the_backbone_weights_it_was_adapted_to(
+    pipeline: dict[str, Any], data_root: Path, tmp_path: Path
+):
+    runs = _copy_runs(pipeline, tmp_path / "runs")
+    cfg = tiny_cfg(data_root, runs, "site=C", "train.controlnet.backbone_weights=raw")
+    run_stage(cfg, "controlnet", progress=False)
+    cn = load_final(RunLayout(runs), "controlnet", "C")
+    assert cn.meta["sources"]["backbone"]["weights"] == "raw"
+    bb = load_final(RunLayout(runs), "backbone")
+    raw, ema = bb.tensors["unet"], bb.tensors["ema.unet"]
+    assert not states_equal(raw, ema)  # else the test could not tell them apart
+    for use_ema in (True, False):  # the record pins the UNet; use_ema does not override it
+        models = load_generative_models(cfg, "C", use_ema=use_ema)
+        assert states_equal(models.unet.state_dict(), raw)
+        assert models.provenance["backbone"]["weights"] == "raw"
+        assert models.provenance["controlnet"]["weights"] == ("ema" if use_ema else "raw")
+    # The source ControlNet (no site record) still follows use_ema.
+    assert states_equal(load_generative_models(cfg, "B").unet.state_dict(), ema)
+    assert states_equal(load_generative_models(cfg, "B", use_ema=False).unet.state_dict(), raw)
+
+
+def test_sampling_decodes_with_the_vae_weights_that_encoded_the_latents(pipeline: dict[str, Any]):
+    cfg, layout = pipeline["cfg"], pipeline["layout"]
+    bb = load_final(layout, "backbone")
+    recorded = bb.meta["sources"]["vae"]["weights"]
+    vae_ckpt = load_final(layout, "vae")
+    assert recorded == ("ema" if "ema.vae" in vae_ckpt.groups else "raw")
+    group = "ema.vae" if recorded == "ema" else "vae"
+    for use_ema in (True, False):
+        models = load_generative_models(cfg, "C", use_ema=use_ema)
+        assert states_equal(models.vae.state_dict(), vae_ckpt.tensors[group])
+        assert models.provenance["vae"]["weights"] == recorded
+    # The latent cache folder names the weights and the precision that encoded it.
+    (latent_dir,) = (layout.root / "latents").iterdir()
+    assert f"-{recorded}-fp32-" in latent_dir.name
+
+
+def test_generative_models_carry_the_controlnet_conditioning_scale(pipeline: dict[str, Any]):
+    from aldm_fed.models import controlnet_conditioning_scale
+
+    cfg, layout = pipeline["cfg"], pipeline["layout"]
+    cn = load_final(layout, "controlnet", "C")
+    models = load_generative_models(cfg, "C")
+    assert models.conditioning_scale == controlnet_conditioning_scale(cn.meta["model"]["controlnet"])
+
+
+def test_a_moved_or_absolute_runs_folder_resumes(
+    pipeline: dict[str, Any], data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The same runs folder named by a relative path, then by an absolute one, after a move.
+    runs = _copy_runs(pipeline, tmp_path / "moved" / "runs")
+    shutil.copytree(pipeline["layout"].root / "sites" / "C", runs / "sites" / "C")
+    monkeypatch.chdir(tmp_path / "moved")
+    for where in ("runs", str(runs)):
+        cfg = make_cfg([
+            "experiment=tiny", "device=cpu", f"paths.cohort={data_root / 'cohort'}",
+            f"paths.cache={data_root / 'cache'}", f"paths.runs={where}", *FAST, "site=C",
+            "scheduler.num_inference_steps=7",  # sampling-only: not part of any run's identity
+        ])
+        for stage in ("vae", "scale", "backbone", "controlnet"):
+            assert run_stage(cfg, stage, progress=False).skipped, (where, stage)
+
+
+def test_latent_cache_reencodes_when_index_disagrees(pipeline: dict[str, Any], tmp_path: Path):
+    from aldm_fed.training.latents import latent_cache_key
+
+    cfg, layout = pipeline["cfg"], pipeline["layout"]
+    keys = {latent_cache_key("a" * 64, "p", weights=w, precision=pr) for w in ("ema", "raw") for pr in ("fp32", "bf16")}
+    assert len(keys) == 4
+    vae, _ = load_vae(load_final(layout, "vae"))
+    one = load_split(cfg, "source", progress=False).subset([0])
+    folder = tmp_path / "latents"
+    encode_volumes(vae, one, cache_dir=folder, cache_info={"vae": {"sha256": "s", "weights": "ema"}})
+    npy = folder / f"{one.case_ids[0]}.npy"
+    np.save(npy, np.zeros_like(np.load(npy)))  # what another encoder would have written
+    same = encode_volumes(vae, one, cache_dir=folder, cache_info={"vae": {"sha256": "s", "weights": "ema"}})
+    assert float(same.latents.abs().sum()) == 0.0  # matching index: reused as is
+    other = encode_volumes(vae, one, cache_dir=folder, cache_info={"vae": {"sha256": "s", "weights": "raw"}})
+    assert float(other.latents.abs().sum()) > 0.0  # other weights recorded: encoded again
+    assert json.loads((folder / "index.json").read_text())["vae"]["weights"] == "raw"
