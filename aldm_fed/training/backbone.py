@@ -95,6 +95,16 @@ def check_latent_grid(unet_cfg: Any, latents: LatentSet) -> None:
         )
 
 
+def diffusion_model_config(cfg: Any) -> dict[str, Any]:
+    """The model settings of a diffusion run (UNet, ControlNet, conditioning), as plain dicts:
+    part of the run's identity and stored with its checkpoints to rebuild the networks."""
+    return {
+        "unet": plain_config(cfg.model.unet),
+        "controlnet": plain_config(cfg.model.controlnet),
+        "conditioning": plain_config(cfg.model.conditioning),
+    }
+
+
 def diffusion_step_fn(
     *,
     unet: DiffusionModelUNet,
@@ -223,14 +233,9 @@ def train_backbone(
         optimizers["scaler"] = scaler
 
     # 4. What identifies this run: its settings, models, and the exact latents it learns.
-    model_cfg = {
-        "unet": plain_config(cfg.model.unet),
-        "controlnet": plain_config(cfg.model.controlnet),
-        "conditioning": plain_config(cfg.model.conditioning),
-    }
     config = run_config(
         cfg, "backbone", section,
-        model=model_cfg, scheduler=scheduler_identity(cfg.scheduler), data=latents.identity(),
+        model=diffusion_model_config(cfg), scheduler=scheduler_identity(cfg.scheduler), data=latents.identity(),
         scale_factor=scale_factor, sources=dict(sources or {}), init_sha256=init_hash,
     )
 
@@ -256,7 +261,7 @@ def train_backbone(
         "config": config,
         "scale_factor": scale_factor,
         "sources": dict(sources or {}),
-        "model": model_cfg,
+        "model": diffusion_model_config(cfg),
         "scheduler": plain_config(cfg.scheduler),
         "latent_channels": latents.latent_channels,
         "vae_downsample": factor,

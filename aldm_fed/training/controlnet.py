@@ -28,7 +28,12 @@ from aldm_fed.diffusion.schedulers import build_scheduler
 from aldm_fed.models import build_controlnet, controlnet_conditioning_scale, controlnet_from_unet
 from aldm_fed.models._cfg import get_str
 from aldm_fed.training.artifacts import StageResult, existing_result, remove_final, write_final
-from aldm_fed.training.backbone import check_latent_grid, diffusion_step_fn, latent_downsample
+from aldm_fed.training.backbone import (
+    check_latent_grid,
+    diffusion_model_config,
+    diffusion_step_fn,
+    latent_downsample,
+)
 from aldm_fed.training.common import (
     OptimSettings,
     device_setup,
@@ -157,14 +162,9 @@ def train_controlnet(
         optimizers["scaler"] = scaler
 
     # 4. Identity: settings, models, the backbone and starting weights, the exact latents.
-    model_cfg = {
-        "unet": plain_config(cfg.model.unet),
-        "controlnet": plain_config(cfg.model.controlnet),
-        "conditioning": plain_config(cfg.model.conditioning),
-    }
     config = run_config(
         cfg, "controlnet", section,
-        site=site, model=model_cfg, scheduler=scheduler_identity(cfg.scheduler), data=latents.identity(),
+        site=site, model=diffusion_model_config(cfg), scheduler=scheduler_identity(cfg.scheduler), data=latents.identity(),
         scale_factor=scale_factor, sources=dict(sources or {}),
         init={"kind": init_kind, "sha256": init_hash},
     )
@@ -194,7 +194,7 @@ def train_controlnet(
         "init": {"kind": init_kind, "sha256": init_hash},
         "scale_factor": scale_factor,
         "sources": dict(sources or {}),
-        "model": model_cfg,
+        "model": diffusion_model_config(cfg),
         "scheduler": plain_config(cfg.scheduler),
         "latent_channels": latents.latent_channels,
         "vae_downsample": factor,
