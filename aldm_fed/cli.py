@@ -200,6 +200,7 @@ def data_manifest(
     typer.echo(f"wrote {out}: {counts}")
 
 
+# Mirrors aldm_fed.training.artifacts.STAGES (tests/test_cli.py checks) without importing torch at startup.
 STAGES = ("vae", "scale", "backbone", "controlnet")
 
 

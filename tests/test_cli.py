@@ -137,3 +137,10 @@ def test_stage_order_is_enforced(cohort, tmp_path):
         f"paths.cache={tmp_path / 'cache'}", f"paths.runs={tmp_path / 'runs'}",
     )
     assert result.returncode == 2 and "aldm-fed train vae" in result.stderr
+
+
+def test_cli_stage_list_matches_the_library():
+    from aldm_fed.cli import STAGES
+    from aldm_fed.training.artifacts import STAGES as LIBRARY_STAGES
+
+    assert STAGES == LIBRARY_STAGES
