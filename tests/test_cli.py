@@ -130,6 +130,17 @@ def test_train_every_stage_then_synthesize(cohort, tmp_path):
     again = run("train", "vae", "--no-progress", *common)  # a finished stage is a no-op
     assert again.returncode == 0 and "skipped: True" in again.stdout
 
+    # The sampling benchmark runs on the trained run (figures are printed, not asserted).
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), *common, "--site", "C", "--n", "2", "--samplers", "ddim:2,ddim:3",
+         "--out", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["steps"] for r in rows] == [2, 3] and all(r["s_per_volume"] > 0 for r in rows)
+
 
 def test_stage_order_is_enforced(cohort, tmp_path):
     result = run(
