@@ -105,6 +105,39 @@ def diffusion_model_config(cfg: Any) -> dict[str, Any]:
     }
 
 
+def diffusion_final_meta(
+    stage: str,
+    cfg: Any,
+    result: Any,
+    *,
+    config: Mapping[str, Any],
+    latents: LatentSet,
+    factor: int,
+    scale_factor: float,
+    sources: Mapping[str, Any] | None,
+    summary: Mapping[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The metadata of a diffusion stage's `final/` checkpoint (backbone and site ControlNet):
+    what `load_generative_models` needs to rebuild the networks, and what they were trained on."""
+    return {
+        "stage": stage,
+        **extra,
+        "step": result.step,
+        "loop_checkpoint": result.checkpoint.name,
+        "config": dict(config),
+        "scale_factor": scale_factor,
+        "sources": dict(sources or {}),
+        "model": diffusion_model_config(cfg),
+        "scheduler": plain_config(cfg.scheduler),
+        "latent_channels": latents.latent_channels,
+        "vae_downsample": factor,
+        "data": latents.identity(),
+        "train_cases": list(latents.case_ids),
+        "metrics": dict(summary),
+    }
+
+
 def diffusion_step_fn(
     *,
     unet: DiffusionModelUNet,
@@ -254,21 +287,10 @@ def train_backbone(
     groups: dict[str, Any] = dict(modules)
     groups.update({f"ema.{n}": m for n, m in result.ema.items()})
     summary = dict(result.metrics)
-    meta = {
-        "stage": "backbone",
-        "step": result.step,
-        "loop_checkpoint": result.checkpoint.name,
-        "config": config,
-        "scale_factor": scale_factor,
-        "sources": dict(sources or {}),
-        "model": diffusion_model_config(cfg),
-        "scheduler": plain_config(cfg.scheduler),
-        "latent_channels": latents.latent_channels,
-        "vae_downsample": factor,
-        "data": latents.identity(),
-        "train_cases": list(latents.case_ids),
-        "metrics": summary,
-    }
+    meta = diffusion_final_meta(
+        "backbone", cfg, result, config=config, latents=latents, factor=factor,
+        scale_factor=scale_factor, sources=sources, summary=summary,
+    )
     path = write_final(run_dir, groups, meta,
                        {"stage": "backbone", "step": result.step, "summary": summary,
                         "scale_factor": scale_factor})

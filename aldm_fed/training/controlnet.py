@@ -22,7 +22,6 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
-from aldm_fed.checkpoints import plain_config
 from aldm_fed.diffusion.conditioning import conditioning_config
 from aldm_fed.diffusion.schedulers import build_scheduler
 from aldm_fed.models import build_controlnet, controlnet_conditioning_scale, controlnet_from_unet
@@ -30,6 +29,7 @@ from aldm_fed.models._cfg import get_str
 from aldm_fed.training.artifacts import StageResult, existing_result, remove_final, write_final
 from aldm_fed.training.backbone import (
     check_latent_grid,
+    diffusion_final_meta,
     diffusion_model_config,
     diffusion_step_fn,
     latent_downsample,
@@ -185,23 +185,11 @@ def train_controlnet(
     if "controlnet" in result.ema:
         groups["ema.controlnet"] = result.ema["controlnet"]
     summary = dict(result.metrics)
-    meta = {
-        "stage": "controlnet",
-        "site": site,
-        "step": result.step,
-        "loop_checkpoint": result.checkpoint.name,
-        "config": config,
-        "init": {"kind": init_kind, "sha256": init_hash},
-        "scale_factor": scale_factor,
-        "sources": dict(sources or {}),
-        "model": diffusion_model_config(cfg),
-        "scheduler": plain_config(cfg.scheduler),
-        "latent_channels": latents.latent_channels,
-        "vae_downsample": factor,
-        "data": latents.identity(),
-        "train_cases": list(latents.case_ids),
-        "metrics": summary,
-    }
+    meta = diffusion_final_meta(
+        "controlnet", cfg, result, config=config, latents=latents, factor=factor,
+        scale_factor=scale_factor, sources=sources, summary=summary,
+        site=site, init={"kind": init_kind, "sha256": init_hash},
+    )
     path = write_final(run_dir, groups, meta,
                        {"stage": "controlnet", "site": site, "step": result.step, "summary": summary})
     return StageResult(stage="controlnet", run_dir=run_dir, checkpoint=path, metrics=summary,
