@@ -155,7 +155,10 @@ def save_checkpoint(
 
     with atomic_dir(path) as tmp:
         weights = tmp / WEIGHTS_FILE
-        header = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+        # One key only: safetensors writes its metadata map in hash order, which varies between
+        # processes, and the file's sha256 must depend on the tensors alone (a site re-saving the
+        # server's global weights must get the server's hash).
+        header = {"format": f"{FORMAT}/{FORMAT_VERSION}"}
         save_file(flat, str(weights), metadata=header)
         _fsync(weights)  # atomic_dir renames; the data must be on disk before that rename
         doc = {

@@ -223,7 +223,7 @@ def test_pickle_formats_are_refused(tmp_path: Path, no_pickle: None) -> None:
 
 def test_safetensors_header_that_looks_like_pickle_still_loads(tmp_path: Path) -> None:
     # A 640-byte header starts 0x80 0x02, the pickle protocol-2 magic.
-    meta = {"format": "aldm-fed-checkpoint", "format_version": "1"}
+    meta = {"format": "aldm-fed-checkpoint/1"}  # the header save_checkpoint writes
     for n in range(1, 600):
         key = "g." + "k" * n
         if safetensors_bytes({key: torch.zeros(1)}, metadata=meta)[:2] == b"\x80\x02":
@@ -259,3 +259,18 @@ def test_meta_json_is_plain_json(tmp_path: Path) -> None:
     path = _save(tmp_path / "ckpt", config={"p": Path("/x"), "n": np.float32(0.5)})
     doc = json.loads((path / META_FILE).read_text())
     assert doc["config"] == {"p": "/x", "n": 0.5} and doc["groups"] == ["unet", "ema.unet", "extra"]
+
+
+def test_weights_file_hash_depends_on_the_tensors_only(tmp_path: Path) -> None:
+    # A site re-saves the server's global weights and must get the server's sha256, whatever the
+    # metadata, the key order or the process (safetensors writes its header map in hash order).
+    state = {f"layer{i}.weight": torch.full((3, i + 1), float(i)) for i in range(6)}
+    reordered = dict(reversed(list(state.items())))
+    hashes = {
+        load_checkpoint(save_checkpoint(tmp_path / f"c{i}", {"net": state if i % 2 else reordered},
+                                        {"step": i, "note": "x" * i}), groups=[]).meta["weights"]["sha256"]
+        for i in range(6)
+    }
+    assert len(hashes) == 1
+    other = {**state, "layer0.weight": state["layer0.weight"] + 1}
+    assert load_checkpoint(save_checkpoint(tmp_path / "d", {"net": other}), groups=[]).meta["weights"]["sha256"] not in hashes
