@@ -244,39 +244,116 @@ def synthesize(
     no_progress: NoProgress = False,
 ) -> None:
     """Synthesize BraTS-style volumes from augmented tumour masks of a site's few-shot cases."""
-    from aldm_fed.data.cache import CaseCache
-    from aldm_fed.data.volumes import load_split, site_manifests
-    from aldm_fed.synthesis import synthesize as run_synthesis
-    from aldm_fed.training.artifacts import load_generative_models
-    from aldm_fed.training.device import autocast_context, resolve_device
+    from aldm_fed.synthesis import synthesize_site
 
     cfg = _compose([*(overrides or []), *([f"site={site}"] if site else [])])
-    if cfg.site is None:
-        _fail("which site? pass --site X (the site's target cases give the masks)")
+    summary = synthesize_site(cfg, out=out, progress=not no_progress)
     site_name = str(cfg.site)
-    _, manifest = site_manifests(str(cfg.paths.cohort), [site_name])[site_name]
-    cases = manifest.cases("target")
-    # 1. Make sure the site's few-shot cases are in the cache (prepared once, then memory-mapped).
-    load_split(cfg, "target", sites=[site_name], progress=not no_progress)
-    # 2. The shared VAE + backbone and the site's own ControlNet.
-    setup = resolve_device(str(cfg.device.spec), str(cfg.device.precision))
-    models = load_generative_models(cfg, site_name, device=setup.device)
-    labels = {c: manifest.label(c) for c in cases if manifest.label(c) is not None}
-    # 3. Masks -> volumes -> NIfTI folders, montage, manifest.
-    with autocast_context(setup):
-        summary = run_synthesis(
-            models,
-            CaseCache(str(cfg.paths.cache)),
-            cases,
-            cases,
-            labels or None,
-            Path(out or str(cfg.paths.synthesis)),
-            cfg.synthesis,
-            site=site_name,
-            seed=int(cfg.seed),
-            progress=not no_progress,
-        )
     _echo_result(f"synthesize site {site_name}", summary.to_dict())
+
+
+@app.command("evaluate")
+def evaluate(
+    overrides: Overrides = None,
+    site: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--site", help="Site to evaluate (override site=X)."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", help="Report folder (default: <paths.runs>/sites/<site>/classifier)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Retrain classifier runs whose folder holds another config.")
+    ] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train the downstream classifier per regime on a site's data; test on its held-out real cases.
+
+    Regimes (classifier.regimes): real_only, real_aug, real_syn, syn_only, oracle. real_syn and
+    syn_only use the site's synthetic volumes (run `aldm-fed synthesize --site X` first).
+    """
+    from aldm_fed.evaluation.report import config_summary, write_report
+    from aldm_fed.evaluation.site import evaluate_site
+
+    cfg = _compose([*(overrides or []), *([f"site={site}"] if site else [])])
+    result = evaluate_site(cfg, progress=not no_progress, overwrite=overwrite)
+    context = {**config_summary(cfg), "site": result.site, "runs": str(result.run_dir)}
+    if result.notes:
+        context["notes"] = " / ".join(result.notes)
+    paths = write_report(out or result.run_dir, {result.site: result.metrics()},
+                         title=f"Downstream classification, site {result.site}", context=context)
+    typer.echo(f"evaluate site {result.site}: {result.n_test_cases} held-out real test cases")
+    for row in result.rows:
+        if row["status"] != "ok":
+            typer.echo(f"  {row['regime']}: skipped ({row['reason']})")
+            continue
+        typer.echo(f"  {row['regime']}: AUC {row['auc_mean']:.3f} [{row['auc_ci_low']:.3f}, "
+                   f"{row['auc_ci_high']:.3f}] ({row['n_train_cases_real']} real + "
+                   f"{row['n_train_cases_syn']} synthetic training cases)")
+    for note in result.notes:
+        typer.echo(f"  note: {note}")
+    typer.echo(f"  table: {paths['md']} (also {paths['csv'].name}, {paths['json'].name})")
+
+
+@app.command("certs")
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the certificates and keys.")],
+    sites: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--sites", help="Site names: --sites A B C, --sites A,B,C or --sites A --sites B."),
+    ] = None,
+    more_sites: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(
+            metavar="[SITES]...", help="More site names, as in --sites A B C.", show_default=False
+        ),
+    ] = None,
+    hosts: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--host",
+            help="IP or DNS name SuperNodes use to reach the SuperLink; repeat for several"
+            " (default: the existing certificate's, else 127.0.0.1 and localhost).",
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option("--days", help="Validity of new certificates.")] = 365,
+    force: Annotated[
+        bool, typer.Option("--force", help="New CA, server certificate, signing key and listed sites' keys.")
+    ] = False,
+) -> None:
+    """Make the TLS CA, SuperLink certificate, per-site SuperNode keys and model-signing key.
+
+    Run again with only new site names to add sites: the CA and the other keys are kept.
+    """
+    from aldm_fed.federation.security import describe, make_certificates
+
+    # Click options take one value each, so `--sites A B C` leaves B and C as arguments.
+    values = [*(sites or []), *(more_sites or [])]
+    names = [name for value in values for name in value.replace(",", " ").split()]
+    try:
+        result = make_certificates(out, names, hosts=hosts, days=days, force=force)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(describe(result))
+
+
+@app.command("simulate")
+def simulate(overrides: Overrides = None, no_progress: NoProgress = False) -> None:
+    """Run the whole federated pipeline with every site simulated on this machine (Flower's
+    simulation engine; the embedded phantom cohort is made at paths.cohort when there is none)."""
+    import logging
+
+    from aldm_fed.federation.simulation import simulate as run_simulation
+    from aldm_fed.federation.strategy import FederationError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        status = run_simulation(_compose(overrides), progress=not no_progress)
+    except FederationError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(f"federated run done in {status['seconds']} s; sites {', '.join(status['sites'])}")
+    typer.echo(f"report: {status['report']}")
 
 
 def _echo_result(title: str, result: dict) -> None:

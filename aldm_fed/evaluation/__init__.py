@@ -5,6 +5,9 @@
 - `tasks`: `CaseItem` (one real or synthetic volume), the slice and volume tasks, leakage guards.
 - `regimes`: real-only, real + augmentation, real + synthetic, synthetic-only and oracle runs,
   tested on held-out real cases only.
+- `site`: every regime on one site's own cases from a composed config (`evaluate_site`, what
+  `aldm-fed evaluate` and a federated site call); `SiteEvaluation.metrics()` is what may be shared.
+- `report`: `report.{md,csv,json}` from the metrics of one or many sites (`write_report`).
 """
 
 from __future__ import annotations

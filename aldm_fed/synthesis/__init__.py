@@ -4,6 +4,7 @@ generated for them, written as BraTS-2023-style case folders with a manifest.
 - `config`: the `synthesis` config group (`SynthesisConfig`, `MaskAugConfig`).
 - `masks`: label-preserving mask augmentation and placement in a host brain (`make_masks`).
 - `run`: the stage itself (`synthesize` -> `SynthesisSummary`).
+- `site`: the stage for one site from a composed config (`synthesize_site`, what the CLI calls).
 - `writer`: the output folder layout (case folders, `synthesis.json`, `labels.csv`).
 - `montage`: the PNG of synthetic cases next to their real hosts.
 """
@@ -23,6 +24,7 @@ from aldm_fed.synthesis.masks import (
 )
 from aldm_fed.synthesis.montage import MontageRow, write_synthesis_montage
 from aldm_fed.synthesis.run import SynthesisSummary, sampling_settings, synth_id, synthesize
+from aldm_fed.synthesis.site import site_config, synthesize_site
 from aldm_fed.synthesis.writer import (
     LABELS_NAME,
     MANIFEST_NAME,
@@ -58,9 +60,11 @@ __all__ = [
     "modality_suffixes",
     "read_record",
     "sampling_settings",
+    "site_config",
     "synth_id",
     "synthesis_config",
     "synthesize",
+    "synthesize_site",
     "write_labels_csv",
     "write_manifest",
     "write_synthesis_montage",

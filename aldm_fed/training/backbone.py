@@ -60,7 +60,14 @@ from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_sc
 from aldm_fed.training.latents import LatentSet
 from aldm_fed.training.loop import LoopConfig, batch_indices, run_loop
 
-__all__ = ["BACKBONE_DEFAULTS", "diffusion_step_fn", "existing_result", "latent_downsample", "train_backbone"]
+__all__ = [
+    "BACKBONE_DEFAULTS",
+    "build_diffusion_networks",
+    "diffusion_step_fn",
+    "existing_result",
+    "latent_downsample",
+    "train_backbone",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,29 @@ def diffusion_model_config(cfg: Any) -> dict[str, Any]:
         "controlnet": plain_config(cfg.model.controlnet),
         "conditioning": plain_config(cfg.model.conditioning),
     }
+
+
+def build_diffusion_networks(
+    cfg: Any, latent_channels: int, factor: int
+) -> tuple[DiffusionModelUNet, ControlNet]:
+    """The backbone's fresh networks: the UNet, and a ControlNet that copies its encoder.
+
+    Seed the global torch RNG first for reproducible weights (the training stage and the
+    federation server, which makes the first global weights, both do).
+
+    Args:
+        cfg: the composed config (reads `model.{unet, controlnet, conditioning}`).
+        latent_channels: channels of the VAE's latents.
+        factor: the VAE's per-axis downsampling (the ControlNet's mask encoder undoes it).
+    """
+    cond = conditioning_config(cfg.model.conditioning)
+    unet = build_unet(cfg.model.unet, latent_channels, cond.unet_mask_channels)
+    controlnet = build_controlnet(
+        cfg.model.unet, cfg.model.controlnet, latent_channels, factor,
+        mask_channels=cond.mask_channels, unet_mask_channels=cond.unet_mask_channels,
+    )
+    warn_weight_copy(controlnet_from_unet(controlnet, unet), log, "backbone")
+    return unet, controlnet
 
 
 def diffusion_final_meta(
@@ -240,12 +270,7 @@ def train_backbone(
     torch.manual_seed(int(cfg.seed))
 
     # 2. Networks: UNet, and a ControlNet copying its encoder.
-    unet = build_unet(cfg.model.unet, latents.latent_channels, cond.unet_mask_channels)
-    controlnet = build_controlnet(
-        cfg.model.unet, cfg.model.controlnet, latents.latent_channels, factor,
-        mask_channels=cond.mask_channels, unet_mask_channels=cond.unet_mask_channels,
-    )
-    warn_weight_copy(controlnet_from_unet(controlnet, unet), log, "backbone")
+    unet, controlnet = build_diffusion_networks(cfg, latents.latent_channels, factor)
     unet.to(setup.device)
     controlnet.to(setup.device)
     modules: dict[str, nn.Module] = {"unet": unet, "controlnet": controlnet}

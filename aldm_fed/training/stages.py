@@ -47,7 +47,7 @@ from aldm_fed.training.latents import LatentSet, encode_volumes, latent_cache_ke
 from aldm_fed.training.scale import compute_scale
 from aldm_fed.training.vae import train_vae, vae_section
 
-__all__ = ["STAGES", "MissingStageError", "StageResult", "run_stage"]
+__all__ = ["STAGES", "MissingStageError", "StageResult", "cached_latents", "run_stage", "vae_source"]
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +111,18 @@ def _scale(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool) -> S
     vae_ckpt = load_final(layout, "vae", needed_by="scale")
     volumes = load_split(cfg, "source", sites=source_sites(cfg), progress=progress)
     # 2. Encode once (cached for the backbone), then the statistics.
-    latents = _latents(cfg, layout, vae_ckpt, volumes, progress)
+    latents = cached_latents(cfg, layout, vae_ckpt, volumes, progress)
     if overwrite:
         remove_final(layout.stage_dir("scale"))
     return compute_scale(latents, layout.stage_dir("scale"),
-                         sources={"vae": _vae_source(vae_ckpt)}, data=volumes.identity())
+                         sources={"vae": vae_source(vae_ckpt)}, data=volumes.identity())
 
 
 def _backbone(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool) -> StageResult:
     # 1. Inputs: VAE and scale factor, which must belong together.
     vae_ckpt = load_final(layout, "vae", needed_by="backbone")
     scale_ckpt = load_final(layout, "scale", needed_by="backbone")
-    vae_info = _vae_source(vae_ckpt)
+    vae_info = vae_source(vae_ckpt)
     if scale_ckpt.meta.get("sources", {}).get("vae", {}).get("sha256") != vae_info["sha256"]:
         raise MissingStageError(
             f"the scale factor at {scale_ckpt.path} was computed for another VAE checkpoint than "
@@ -135,7 +135,7 @@ def _backbone(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool) -
             f"cohort's manifests list now; run `aldm-fed train scale` first"
         )
     # 2. Source latents (cached by the scale stage).
-    latents = _latents(cfg, layout, vae_ckpt, volumes, progress)
+    latents = cached_latents(cfg, layout, vae_ckpt, volumes, progress)
     # 3. Train.
     return train_backbone(
         cfg, latents, layout.stage_dir("backbone"),
@@ -166,14 +166,14 @@ def _controlnet(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool)
     # 2. Inputs: the VAE and the backbone trained on its latents.
     vae_ckpt = load_final(layout, "vae", needed_by="controlnet")
     bb_ckpt = load_final(layout, "backbone", needed_by="controlnet")
-    vae_info, bb_info = _vae_source(vae_ckpt), checkpoint_identity(bb_ckpt)
+    vae_info, bb_info = vae_source(vae_ckpt), checkpoint_identity(bb_ckpt)
     if bb_ckpt.meta.get("sources", {}).get("vae", {}).get("sha256") != vae_info["sha256"]:
         raise MissingStageError(
             f"the backbone at {bb_ckpt.path} was trained on another VAE checkpoint than "
             f"{vae_ckpt.path}; run `aldm-fed train scale` and `aldm-fed train backbone` first"
         )
     volumes = load_split(cfg, "target", sites=[site], progress=progress)
-    latents = _latents(cfg, layout, vae_ckpt, volumes, progress)
+    latents = cached_latents(cfg, layout, vae_ckpt, volumes, progress)
 
     # 3. The frozen backbone and the ControlNet's starting point; the model settings are the
     #    backbone's (a ControlNet must match the UNet it steers).
@@ -196,14 +196,14 @@ def _controlnet(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool)
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _vae_source(vae_ckpt: Checkpoint) -> dict[str, Any]:
+def vae_source(vae_ckpt: Checkpoint) -> dict[str, Any]:
     """The VAE as later stages record it: sha256 and the weights that encode the latents."""
     return {**checkpoint_identity(vae_ckpt), "weights": latent_vae_weights(vae_ckpt)}
 
 
-def _latents(cfg: Any, layout: RunLayout, vae_ckpt: Checkpoint, volumes: VolumeSet, progress: bool) -> LatentSet:
+def cached_latents(cfg: Any, layout: RunLayout, vae_ckpt: Checkpoint, volumes: VolumeSet, progress: bool) -> LatentSet:
     """Latents of `volumes` under the VAE of `vae_ckpt`, from (or into) the run's latent cache."""
-    info = _vae_source(vae_ckpt)
+    info = vae_source(vae_ckpt)
     setup = device_setup(cfg)
     vae, kind = load_vae(vae_ckpt, weights=info["weights"])
     key = latent_cache_key(info["sha256"], volumes.prep_hash, weights=kind, precision=setup.precision)

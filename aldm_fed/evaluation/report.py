@@ -1,0 +1,371 @@
+"""The downstream-classification report of one or many sites: `report.json`, `.csv` and `.md`.
+
+Input is what each site's `SiteEvaluation.metrics()` returns (flat numbers: `<regime>.<name>` and
+site-level `n_*`), so the federated server writes it from the metrics the sites sent, and the
+single-site `aldm-fed evaluate` from one site's. Only the regimes of `REGIMES` make regime columns;
+other dotted keys a federated site sends (`adapt.loss`, `synthesis.n_volumes`) go, with the case
+counts, into a "Site work" table:
+
+```python
+paths = write_report(out_dir, {"A": metrics_a, "C": metrics_c}, title="Federated run demo",
+                     context={**config_summary(cfg), "rounds": 3})
+paths["md"]   # the readable report: one table per metric, sites x regimes
+```
+
+A regime missing at a site (skipped there) and a metric missing in a regime (or not finite) show
+as "-" in the Markdown, an empty cell in the CSV and no key in the JSON; nothing is inferred.
+
+The context is shown generically: scalars (and lists of them) as `- **key**: value`, a mapping of
+scalars as a short nested list, and a mapping of mappings (e.g. site -> counts and status) or a
+list of mappings (e.g. federated rounds) as a table, nested mappings flattened one level
+(`metrics.loss`). A site listed in `context["sites"]` with a `status` but without metrics (it did
+not finish) still gets its row, with that status, in the Site work table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from aldm_fed.evaluation.regimes import REGIMES
+from aldm_fed.io import atomic_write_json, atomic_write_text
+
+__all__ = ["REPORT_FILES", "config_summary", "write_report"]
+
+REPORT_FILES: dict[str, str] = {"json": "report.json", "csv": "report.csv", "md": "report.md"}
+# The tables of report.md: metric name (as in `<m>_mean`) -> heading.
+_TABLES: tuple[tuple[str, str], ...] = (("auc", "AUC"), ("balanced_accuracy", "Balanced accuracy"), ("f1", "F1"))
+# Column order of the CSV and the training-data table; other names follow, sorted.
+_COUNTS = ("n_seeds", "n_train_cases_real", "n_train_cases_syn", "n_boot_valid")
+# Columns of the Site work table (in this order; other non-regime dotted keys follow, sorted).
+_WORK_COLUMNS: dict[str, str] = {"adapt.loss": "ControlNet adaptation loss", "synthesis.n_volumes": "synthetic volumes"}
+_CASE_COLUMNS: dict[str, str] = {"n_source_cases": "source cases", "n_target_cases": "target cases",
+                                 "n_test_cases": "test cases"}
+Numbers = dict[str, float | int]  # name -> value, of a site or of one regime at a site
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The sites' flat metrics sorted out, each by site name.
+
+    Args:
+        site_level: undotted keys (`n_test_cases`, ...).
+        by_regime: regime of `REGIMES` -> `<name>` -> value.
+        work: the other dotted keys, whole (`adapt.loss`, `synthesis.n_volumes`).
+    """
+
+    site_level: dict[str, Numbers]
+    by_regime: dict[str, dict[str, Numbers]]
+    work: dict[str, Numbers]
+
+
+def config_summary(cfg: Any) -> dict[str, Any]:
+    """The settings a reader of a report needs (run, task, classifier budget, bootstrap), for the
+    `context` of `write_report`.
+
+    Args:
+        cfg: the composed config (reads `run_name`, `seed`, `data.size`, `classifier`).
+    """
+    c = cfg.classifier
+    ev = c.get("eval") or {}
+    return {
+        "run_name": str(cfg.run_name),
+        "task": str(c.task),
+        "network": str(c.network.name),
+        "data_size": int(cfg.data.size),
+        "classifier_steps": int(c.train.steps),
+        "classifier_batch_size": int(c.train.batch_size),
+        "seeds": [int(s) for s in c.get("seeds", [0])],
+        "syn_ratio": float(c.get("syn_ratio", 1.0)),
+        "n_boot": int(ev.get("n_boot", 1000)),
+        "ci": float(ev.get("ci", 0.95)),
+        "threshold": float(ev.get("threshold", 0.5)),
+    }
+
+
+def _number(site: str, key: str, value: Any) -> float | int | None:
+    # The server passes what sites sent: refuse anything but numbers; NaN/inf read as missing.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"site {site!r}: metric {key!r} must be a number, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if math.isfinite(value) else None
+
+
+def _split(sites: Mapping[str, Mapping[str, float]]) -> _Split:
+    """Site-level numbers, `<regime>.<name>` numbers by regime, and the other dotted keys."""
+    if not sites:
+        raise ValueError("no site metrics to report")
+    out = _Split({}, {}, {})
+    for site, flat in sites.items():
+        name = str(site)
+        out.site_level[name], out.by_regime[name], out.work[name] = {}, {}, {}
+        for key, raw in flat.items():
+            value = _number(name, key, raw)
+            if value is None:
+                continue
+            prefix, dot, rest = str(key).partition(".")
+            if prefix in REGIMES and dot:
+                out.by_regime[name].setdefault(prefix, {})[rest] = value
+            elif dot:
+                out.work[name][str(key)] = value
+            else:
+                out.site_level[name][prefix] = value
+    return out
+
+
+def _ordered(names: set[str], first: Sequence[str]) -> list[str]:
+    return [n for n in first if n in names] + sorted(names - set(first))
+
+
+def _fmt(value: float | int | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _metric_table(metric: str, sites: list[str], regimes: list[str], site_level: dict[str, Numbers],
+                  by_regime: dict[str, dict[str, Numbers]]) -> list[str]:
+    """Sites x regimes: the seed mean (± std over seeds when there are several), and a CI column
+    for each regime that has an interval at some site."""
+    with_ci = [r for r in regimes if any(f"{metric}_ci_low" in by_regime[s].get(r, {}) for s in sites)]
+    header = ["site", "n test"]
+    for r in regimes:
+        header += [r, f"{r} CI"] if r in with_ci else [r]
+    rows = []
+    for site in sites:
+        row = [site, _fmt(site_level[site].get("n_test_cases"))]
+        for r in regimes:
+            v = by_regime[site].get(r, {})
+            mean, std = v.get(f"{metric}_mean"), v.get(f"{metric}_std")
+            text = _fmt(mean)
+            if mean is not None and std is not None and v.get("n_seeds", 1) > 1:
+                text += f" ± {std:.3f}"
+            row.append(text)
+            if r in with_ci:
+                lo, hi = v.get(f"{metric}_ci_low"), v.get(f"{metric}_ci_high")
+                row.append("-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _auc_difference(by_regime: dict[str, dict[str, Numbers]], site: str) -> float | None:
+    a = by_regime[site].get("real_syn", {}).get("auc_mean")
+    b = by_regime[site].get("real_only", {}).get("auc_mean")
+    return None if a is None or b is None else float(a - b)
+
+
+def _inline(value: Any, nested: bool = False) -> str:
+    """A context value on one line: floats to 4 significant digits, strings (paths) as given, lists
+    joined by ", ", mappings as `k=v`; containers inside containers in parentheses."""
+    if isinstance(value, Mapping):
+        text = ", ".join(f"{k}={_inline(v, True)}" for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(_inline(v, True) for v in value)
+    elif isinstance(value, float) and math.isfinite(value):
+        return repr(float(f"{value:.4g}"))
+    else:
+        return str(value)
+    return f"({text})" if nested else text or "-"
+
+
+def _is_table(value: Any) -> bool:
+    """A non-empty mapping of mappings or list of mappings: shown as a table."""
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    return bool(items) and all(isinstance(v, Mapping) for v in items)
+
+
+def _row(item: Mapping[str, Any]) -> dict[str, str]:
+    """One table row: nested mappings flattened one level (`metrics.loss`), the rest inline."""
+    out: dict[str, str] = {}
+    for key, value in item.items():
+        if isinstance(value, Mapping):
+            out |= {f"{key}.{k}": _inline(v) for k, v in value.items()}
+        else:
+            out[str(key)] = _inline(value)
+    return out
+
+
+def _context(context: Mapping[str, Any]) -> list[str]:
+    """The Context section: scalars and plain mappings as a list, in the given order; then a table
+    for each mapping of mappings (one row per key, first column named after it) and each list of
+    mappings (one row per item), columns in first-seen order."""
+    items: list[str] = []
+    tables: list[str] = []
+    for key, value in context.items():
+        if _is_table(value):
+            rows = ([{str(key): str(k), **_row(v)} for k, v in value.items()] if isinstance(value, Mapping)
+                    else [_row(v) for v in value])
+            columns = list(dict.fromkeys(c for row in rows for c in row))
+            tables += [f"### {str(key).replace('_', ' ').capitalize()}", ""]
+            tables += _table(columns, [[row.get(c, "-") for c in columns] for row in rows]) + [""]
+        elif isinstance(value, Mapping) and value:
+            items += [f"- **{key}**:"] + [f"  - {k}: {_cell(_inline(v))}" for k, v in value.items()]
+        else:
+            items.append(f"- **{key}**: {_cell(_inline(value))}")
+    return ["## Context", "", *items, "", *tables]
+
+
+def _statuses(context: Mapping[str, Any]) -> dict[str, str]:
+    """site -> status from `context["sites"][site]["status"]`, where given (the federated server
+    lists every site there, also those that sent no metrics)."""
+    listed = context.get("sites")
+    if not isinstance(listed, Mapping):
+        return {}
+    return {str(s): str(v["status"]) for s, v in listed.items() if isinstance(v, Mapping) and "status" in v}
+
+
+def _site_work(split: _Split, statuses: Mapping[str, str]) -> list[str]:
+    """One row per site (also one listed only with a status): status, the non-regime dotted
+    numbers (ControlNet adaptation, synthesis) and the case counts; nothing when no site has
+    either a status or such numbers."""
+    work = _ordered({k for v in split.work.values() for k in v}, list(_WORK_COLUMNS))
+    if not work and not statuses:
+        return []
+    counts = [k for k in _CASE_COLUMNS if any(k in v for v in split.site_level.values())]
+    header = ["site", *(["status"] if statuses else []), *(_WORK_COLUMNS.get(k, k) for k in work),
+              *(_CASE_COLUMNS[k] for k in counts)]
+    rows = []
+    for site in sorted(set(split.site_level) | set(statuses)):
+        numbers = {**split.work.get(site, {}), **split.site_level.get(site, {})}
+        rows.append([site, *([statuses.get(site, "-")] if statuses else []),
+                     *(_fmt(numbers.get(k)) for k in [*work, *counts])])
+    return ["## Site work", "", "What each site did besides the classifier: status (as the server saw "
+            "it), ControlNet adaptation, synthetic volumes made, and its cases.", "",
+            *_table(header, rows), ""]
+
+
+def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[str], regimes: list[str],
+              split: _Split) -> str:
+    site_level, by_regime = split.site_level, split.by_regime
+    lines = [f"# {title}", "", f"Written {created}.", ""]
+    if context:
+        lines += _context(context)
+    ci = context.get("ci")
+    ci_text = f"{float(ci):.0%} " if isinstance(ci, (int, float)) and not isinstance(ci, bool) else ""
+    lines += [
+        "## How to read this",
+        "",
+        "- **Test set**: each site's own held-out REAL cases, never seen in training and never "
+        "synthetic. Sites are not pooled: every row is one site's classifier on one site's cases.",
+        "- **Regimes** differ only in their training data, at the same budget: `real_only` (the K "
+        "real few-shot cases), `real_aug` (the same with classic augmentation), `real_syn` (K real + "
+        "synthetic), `syn_only` (synthetic only), `oracle` (a larger real pool of the site, where it "
+        "has one).",
+        "- **Values** are means over training seeds (± the std over seeds when there are several).",
+        f"- **CI**: {ci_text}patient-level bootstrap interval of the seed mean (test patients "
+        "resampled with all their slices).",
+        "- **Small n**: with a few test patients per site the intervals are wide; a difference "
+        "inside overlapping intervals is no evidence of an effect.",
+        "- **-**: the regime was skipped at that site (e.g. no synthetic volumes, no larger real "
+        "pool) or the number is not available.",
+        "",
+    ]
+    for metric, heading in _TABLES:
+        lines += [f"## {heading}", ""] + _metric_table(metric, sites, regimes, site_level, by_regime) + [""]
+    lines += ["## Synthetic data effect: real_syn - real_only (AUC)", ""]
+    rows = []
+    for site in sites:
+        diff = _auc_difference(by_regime, site)
+        rows.append([site, _fmt(by_regime[site].get("real_only", {}).get("auc_mean")),
+                     _fmt(by_regime[site].get("real_syn", {}).get("auc_mean")),
+                     "-" if diff is None else f"{diff:+.3f}"])
+    lines += _table(["site", "real_only AUC", "real_syn AUC", "difference"], rows) + [""]
+    lines += ["## Training data", "", "Real / synthetic training cases per regime.", ""]
+    rows = []
+    for site in sites:
+        row = [site]
+        for r in regimes:
+            v = by_regime[site].get(r)
+            row.append("-" if v is None else f"{_fmt(v.get('n_train_cases_real'))} / "
+                                              f"{_fmt(v.get('n_train_cases_syn'))}")
+        rows.append(row)
+    lines += _table(["site", *regimes], rows) + [""]
+    lines += _site_work(split, _statuses(context))
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    sites: Mapping[str, Mapping[str, float]],
+    *,
+    title: str,
+    context: Mapping[str, Any],
+) -> dict[str, Path]:
+    """Write `report.json`, `report.csv` and `report.md` into `out_dir` (each atomically).
+
+    Args:
+        out_dir: the folder (created if missing).
+        sites: site -> flat metrics, as returned by `SiteEvaluation.metrics()` (or received from
+            the sites): `<regime>.<name>` (regime of `REGIMES`), other dotted keys (site work:
+            `adapt.<x>`, `synthesis.n_volumes`) and site-level `n_*` keys, numeric values.
+        title: the report's heading.
+        context: what the run was (e.g. `config_summary(cfg)` plus run-specific items such as
+            rounds); shown as a list and tables in the Markdown and kept in the JSON. A
+            `"sites"` mapping of site -> {..., "status"} adds the status to the Site work table,
+            with a row for each listed site, metrics or not.
+
+    Returns:
+        {"json", "csv", "md"} -> the written path.
+
+    Raises:
+        ValueError: no sites, or a value that is not a number (site and key named).
+    """
+    out = Path(out_dir)
+    split = _split(sites)
+    site_level, by_regime, work = split.site_level, split.by_regime, split.work
+    names = sorted(site_level)
+    regimes = _ordered({r for s in names for r in by_regime[s]}, REGIMES)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
+
+    # report.json: everything (non-finite values left out, as JSON has no NaN).
+    atomic_write_json(paths["json"], {
+        "version": 1,
+        "title": title,
+        "created": created,
+        "context": json.loads(json.dumps(dict(context), default=str)),
+        "regimes": regimes,
+        "sites": {s: {"site": site_level[s], "regimes": by_regime[s], "work": work[s],
+                      "auc_diff_real_syn_minus_real_only": _auc_difference(by_regime, s)} for s in names},
+    })
+
+    # report.csv: one row per (site, regime that ran there); site-level and site-work numbers
+    # repeated per row.
+    metric_cols = _ordered({k for s in names for v in by_regime[s].values() for k in v},
+                           [*_COUNTS, *(f"{m}_{x}" for m, _ in _TABLES for x in ("mean", "std", "ci_low", "ci_high"))])
+    site_cols = _ordered({k for s in names for k in site_level[s]}, ["n_test_cases", "n_test_samples"])
+    work_cols = _ordered({k for s in names for k in work[s]}, list(_WORK_COLUMNS))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["site", "regime", *metric_cols, *site_cols, *work_cols])
+    for s in names:
+        for r in regimes:
+            if r in by_regime[s]:
+                v = by_regime[s][r]
+                writer.writerow([s, r, *(v.get(k, "") for k in metric_cols),
+                                 *(site_level[s].get(k, "") for k in site_cols),
+                                 *(work[s].get(k, "") for k in work_cols)])
+    atomic_write_text(paths["csv"], buf.getvalue())
+
+    atomic_write_text(paths["md"], _markdown(title, created, context, names, regimes, split))
+    return paths

@@ -1,0 +1,341 @@
+"""The server's walk through a federated run (what the ServerApp calls).
+
+1. Roll call: wait for the expected sites, ask each who it is (`hello`: name, protocol, case
+   counts); refuse duplicates, strangers and other protocol versions.
+2. VAE: FedAvg rounds over the sites with source cases (`PhaseFedAvg`).
+3. Scale: every site installs the global VAE; the source sites send the count, sum and sum of
+   squares of their latents; the server pools them into the one scale factor.
+4. Backbone: FedAvg rounds of UNet + source ControlNet over the source sites.
+5. Local: every site gets the global models, adapts its own ControlNet, synthesizes, trains and
+   tests its classifiers, and sends back metrics only; the server writes the report.
+
+Each phase resumes: a phase with a `final/` is skipped, a FedAvg phase continues after its last
+round checkpoint (`global_models.ServerState`). `status.json` in `fed.state` says where the run is
+(`running` with the phase, `done` with the report, or `failed` with the error), for the launcher
+and for people.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from aldm_fed import __version__
+from aldm_fed.checkpoints import Checkpoint, load_checkpoint, plain_config
+from aldm_fed.data.volumes import site_manifests
+from aldm_fed.federation.global_models import ServerState, backbone_meta, initial_weights, vae_meta
+from aldm_fed.federation.records import from_array_record, to_array_record
+from aldm_fed.federation.sharing import PROTOCOL, SharingError, check_reply
+from aldm_fed.federation.strategy import FederationError, PhaseFedAvg
+from aldm_fed.io import atomic_write_json
+from aldm_fed.training.artifacts import checkpoint_identity, write_final
+from aldm_fed.training.scale import LatentStats, scale_factor_from_stats
+
+__all__ = ["STATUS_FILE", "SiteInfo", "expected_sites", "run_federation"]
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """A site as it introduced itself (case counts only)."""
+
+    node_id: int
+    name: str
+    n_source: int
+    n_target: int
+    n_test: int
+
+
+def expected_sites(cfg: Any) -> list[str]:
+    """The federation's sites: `fed.sites`, else every site with a manifest in `paths.cohort`.
+
+    Raises:
+        ValueError: neither is available (a server without the cohort must list `fed.sites`).
+    """
+    if cfg.fed.get("sites"):
+        return [str(s) for s in cfg.fed.sites]
+    try:
+        return list(site_manifests(str(cfg.paths.cohort)))
+    except FileNotFoundError:
+        raise ValueError(
+            f"which sites take part? set fed.sites=[A,B,...] (no manifests in {cfg.paths.cohort} to read them from)"
+        ) from None
+
+
+def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
+    """Run (or resume) the whole federated pipeline; return the final status.
+
+    Args:
+        grid: Flower's grid (deployment or simulation).
+        cfg: the composed config, paths absolute.
+
+    Raises:
+        FederationError: missing sites, too few valid updates, a site that failed the local phase
+            when none succeeded.
+    """
+    state = ServerState(cfg)
+    state.root.mkdir(parents=True, exist_ok=True)
+    status: dict[str, Any] = {"status": "running", "version": __version__, "started": _now()}
+    t0 = time.monotonic()
+
+    def mark(**fields: Any) -> None:
+        status.update(fields)
+        atomic_write_json(state.root / STATUS_FILE, status)
+
+    try:
+        mark(phase="hello")
+        sites = _roll_call(grid, cfg)
+        source = {n: s.name for n, s in sites.items() if s.n_source > 0}
+        if not source:
+            raise FederationError(f"no connected site holds source cases ({[s.name for s in sites.values()]})")
+        mark(phase="vae", sites=sorted(s.name for s in sites.values()))
+        vae_ckpt = _fedavg_phase(grid, cfg, state, "vae", source, extra={})
+        mark(phase="scale")
+        scale_ckpt = _scale_phase(grid, cfg, state, sites, vae_ckpt)
+        mark(phase="backbone")
+        bb_ckpt = _fedavg_phase(
+            grid, cfg, state, "backbone", source,
+            extra={"scale-factor": float(scale_ckpt.meta["scale_factor"]),
+                   "scale-sha256": checkpoint_identity(scale_ckpt)["sha256"]},
+            vae_ckpt=vae_ckpt, scale_ckpt=scale_ckpt,
+        )
+        mark(phase="local")
+        results = _local_phase(grid, cfg, state, sites, vae_ckpt, bb_ckpt)
+        report = _report(cfg, state, sites, results, time.monotonic() - t0)
+        mark(status="done", phase="done", finished=_now(), report=str(report),
+             seconds=round(time.monotonic() - t0, 1))
+    except Exception as exc:
+        mark(status="failed", error=f"{type(exc).__name__}: {exc}", finished=_now())
+        raise
+    log.info("federated run done in %.0f s; report: %s", time.monotonic() - t0, status["report"])
+    return status
+
+
+# ------------------------------------------------------------------------------------ phases
+
+
+def _roll_call(grid: Grid, cfg: Any) -> dict[int, SiteInfo]:
+    """Wait for the sites, then ask who they are."""
+    expected = expected_sites(cfg)
+    needed = int(cfg.fed.get("min_sites") or len(expected))
+    deadline = time.monotonic() + float(cfg.fed.wait_for_sites_s)
+    while len(nodes := list(grid.get_node_ids())) < needed:
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"{len(nodes)} of the {needed} sites needed connected within fed.wait_for_sites_s="
+                f"{cfg.fed.wait_for_sites_s}s (expected sites: {expected}); start the missing "
+                f"`aldm-fed client --site X` processes, or lower fed.min_sites"
+            )
+        log.info("waiting for sites: %d of %d connected", len(nodes), needed)
+        time.sleep(2.0)
+    config = ConfigRecord({"phase": "hello", "protocol": PROTOCOL})
+    replies = _ask(grid, nodes, MessageType.QUERY, RecordDict({"config": config}), float(cfg.fed.round_timeout_s))
+    sites: dict[int, SiteInfo] = {}
+    for node, msg in replies.items():
+        if msg.has_error():
+            raise FederationError(f"node {node} failed the roll call: {_reason(msg)}")
+        check_reply("hello", msg.content)
+        info, counts = msg.content["config"], msg.content["metrics"]
+        name = str(info["site"])
+        if int(info["protocol"]) != PROTOCOL:
+            raise FederationError(
+                f"site {name} speaks protocol {info['protocol']} (aldm-fed {info.get('version')}), this "
+                f"server {PROTOCOL} (aldm-fed {__version__}); install the same aldm-fed version everywhere"
+            )
+        if name not in expected:
+            raise FederationError(f"site {name!r} connected but is not one of fed.sites={expected}")
+        if name in {s.name for s in sites.values()}:
+            raise FederationError(f"two nodes both say they are site {name!r}")
+        sites[node] = SiteInfo(node, name, int(counts["n-source"]), int(counts["n-target"]), int(counts["n-test"]))
+    for s in sorted(sites.values(), key=lambda s: s.name):
+        log.info("site %s: %d source, %d target, %d test cases", s.name, s.n_source, s.n_target, s.n_test)
+    return sites
+
+
+def _fedavg_phase(
+    grid: Grid,
+    cfg: Any,
+    state: ServerState,
+    phase: str,
+    nodes: Mapping[int, str],
+    *,
+    extra: Mapping[str, Any],
+    vae_ckpt: Checkpoint | None = None,
+    scale_ckpt: Checkpoint | None = None,
+) -> Checkpoint:
+    """FedAvg rounds of `phase`, resumed from the last round; then the global `final/`."""
+    final = state.layout.final(phase)
+    if (final / "meta.json").is_file():
+        log.info("[%s] already complete: %s", phase, final)
+        return load_checkpoint(final)
+    settings = cfg.fed.phases[phase]
+    rounds, local_steps = int(settings.rounds), int(settings.local_steps)
+    done, last = state.last_round(phase)
+    groups = last.tensors if last is not None else initial_weights(cfg, phase)
+    state.truncate_log(phase, done)
+    if done:
+        log.info("[%s] resuming after round %d of %d", phase, done, rounds)
+
+    def on_round(rnd: int, arrays: Any, metrics: Any, used: list[str]) -> None:
+        state.save_round(phase, rnd, from_array_record(arrays), {"sites": used, "metrics": dict(metrics)})
+
+    if done < rounds:
+        initial = to_array_record(groups)
+        strategy = PhaseFedAvg(
+            phase, nodes, expected={k: tuple(a.shape) for k, a in initial.items()},
+            on_round=on_round, round_offset=done, min_replies=int(cfg.fed.min_replies),
+        )
+        strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=rounds - done,
+            timeout=float(cfg.fed.round_timeout_s),
+            train_config=ConfigRecord({"local-steps": local_steps, **extra}),
+        )
+        _, last = state.last_round(phase)
+        assert last is not None
+    info = last.meta if last is not None else {}
+    sites, metrics = list(info.get("sites", [])), dict(info.get("metrics", {}))
+    if phase == "vae":
+        meta = vae_meta(cfg, rounds=rounds, local_steps=local_steps, sites=sites, metrics=metrics)
+    else:
+        assert vae_ckpt is not None and scale_ckpt is not None
+        meta = backbone_meta(cfg, vae_ckpt=vae_ckpt, scale_ckpt=scale_ckpt, rounds=rounds,
+                             local_steps=local_steps, sites=sites, metrics=metrics)
+    write_final(state.layout.stage_dir(phase), last.tensors, meta,
+                {"stage": phase, "summary": metrics, "federated": meta["federated"]})
+    log.info("[%s] global model: %s", phase, final)
+    return load_checkpoint(final)
+
+
+def _scale_phase(
+    grid: Grid, cfg: Any, state: ServerState, sites: Mapping[int, SiteInfo], vae_ckpt: Checkpoint
+) -> Checkpoint:
+    """Install the global VAE everywhere; pool the source sites' latent sums into the factor."""
+    final = state.layout.final("scale")
+    if (final / "meta.json").is_file():
+        meta = json.loads((final / "meta.json").read_text())
+        if meta.get("sources", {}).get("vae") == checkpoint_identity(vae_ckpt):
+            log.info("[scale] already complete: %s", final)
+            return load_checkpoint(final)
+    content = RecordDict({
+        "arrays": to_array_record(vae_ckpt.tensors),
+        "config": ConfigRecord({"phase": "scale", "meta": json.dumps(vae_ckpt.meta)}),
+    })
+    replies = _ask(grid, list(sites), MessageType.QUERY, content, float(cfg.fed.round_timeout_s))
+    parts, used = [], []
+    for node, msg in replies.items():
+        name = sites[node].name
+        if msg.has_error():
+            log.warning("[scale] site %s failed: %s", name, _reason(msg))
+            continue
+        try:
+            check_reply("scale", msg.content)
+        except SharingError as exc:
+            log.warning("[scale] rejected the statistics of site %s: %s", name, exc)
+            continue
+        m = msg.content["metrics"]
+        if int(m["latent-count"]) > 0:
+            parts.append(LatentStats(int(m["latent-count"]), float(m["latent-sum"]), float(m["latent-sum-sq"])))
+            used.append(name)
+    if len(used) < int(cfg.fed.min_replies):
+        raise FederationError(f"[scale] latent statistics from {len(used)} source site(s) {used}; "
+                              f"fed.min_replies={cfg.fed.min_replies}")
+    stats = LatentStats.merge(parts)
+    factor = scale_factor_from_stats(stats)
+    metrics = {"scale_factor": factor, "latent_std": stats.std, "latent_mean": stats.mean,
+               "n_values": float(stats.count)}
+    meta = {"stage": "scale", "step": 0, "scale_factor": factor, "stats": stats.to_dict(),
+            "sources": {"vae": checkpoint_identity(vae_ckpt)}, "federated": {"sites": sorted(used)},
+            "metrics": metrics}
+    write_final(state.layout.stage_dir("scale"), {"stats": stats.to_tensors()}, meta,
+                {"stage": "scale", "metrics": metrics, "stats": stats.to_dict()})
+    log.info("[scale] factor %.4f from %d latent values of sites %s", factor, stats.count, sorted(used))
+    return load_checkpoint(final)
+
+
+def _local_phase(
+    grid: Grid,
+    cfg: Any,
+    state: ServerState,
+    sites: Mapping[int, SiteInfo],
+    vae_ckpt: Checkpoint,
+    bb_ckpt: Checkpoint,
+) -> dict[str, dict[str, Any]]:
+    """Every site adapts, synthesizes and evaluates locally; collect their metrics."""
+    # The VAE travels again so that a site that lost its state (or joined late) can still adapt.
+    content = RecordDict({
+        "arrays": to_array_record({**vae_ckpt.tensors, **bb_ckpt.tensors}),
+        "config": ConfigRecord({"phase": "local", "vae-meta": json.dumps(vae_ckpt.meta),
+                                "meta": json.dumps(bb_ckpt.meta)}),
+    })
+    t0 = time.monotonic()
+    replies = _ask(grid, list(sites), MessageType.EVALUATE, content, float(cfg.fed.round_timeout_s))
+    results: dict[str, dict[str, Any]] = {}
+    for node, info in sites.items():
+        msg = replies.get(node)
+        if msg is None:
+            results[info.name] = {"status": "no reply", "metrics": {}}
+        elif msg.has_error():
+            results[info.name] = {"status": f"failed: {_reason(msg)}", "metrics": {}}
+        else:
+            try:
+                check_reply("local", msg.content)
+                results[info.name] = {"status": "ok", "metrics": dict(msg.content["metrics"])}
+            except SharingError as exc:
+                results[info.name] = {"status": f"rejected: {exc}", "metrics": {}}
+        log.info("[local] site %s: %s", info.name, results[info.name]["status"])
+    if not any(r["status"] == "ok" for r in results.values()):
+        raise FederationError(f"[local] no site completed the local phase: {results}")
+    log.info("[local] %d of %d sites done in %.0f s", sum(r["status"] == "ok" for r in results.values()),
+             len(sites), time.monotonic() - t0)
+    return results
+
+
+def _report(cfg: Any, state: ServerState, sites: Mapping[int, SiteInfo], results: Mapping[str, Mapping[str, Any]],
+            seconds: float) -> Path:
+    from aldm_fed.evaluation.report import write_report
+
+    context = {
+        "run": str(cfg.run_name),
+        "mode": "federated",
+        "sites": {s.name: {"source": s.n_source, "target": s.n_target, "test": s.n_test, "status": results[s.name]["status"]}
+                  for s in sites.values()},
+        "phases": plain_config(cfg.fed.phases),
+        "rounds": state.rounds(),
+        "seconds": round(seconds, 1),
+        "global_models": {p: str(state.layout.final(p)) for p in ("vae", "scale", "backbone")},
+    }
+    metrics = {name: r["metrics"] for name, r in results.items() if r["status"] == "ok"}
+    paths = write_report(state.root, metrics, title=f"aldm-fed federated run {cfg.run_name}", context=context)
+    return Path(paths["md"]) if "md" in paths else next(iter(paths.values()))
+
+
+def _ask(grid: Grid, nodes: list[int], kind: str, content: RecordDict, timeout: float) -> dict[int, Message]:
+    """Send the same content to `nodes`; their replies by node id (missing: no reply in time)."""
+    messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in nodes]
+    return {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
+
+
+def _reason(msg: Message) -> str:
+    """The last line of a failed site's error (Flower wraps it in a long remote traceback)."""
+    lines = [ln.strip(" '>") for ln in str(msg.error.reason).splitlines() if ln.strip(" '>")]
+    last = lines[-1] if lines else "unknown error"
+    return last.removeprefix("Exception ClientAppException occurred. Message: ")[:500]
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+

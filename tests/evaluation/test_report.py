@@ -1,0 +1,178 @@
+"""`write_report` from hand-made site metrics (the flat dicts `SiteEvaluation.metrics()` returns):
+tables of sites x regimes, "-" for what a site skipped, CSV rows, JSON, clear errors; a federated
+run's site work (`adapt.*`, `synthesis.*`), context tables and failed sites."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from aldm_fed.config import compose
+from aldm_fed.evaluation.regimes import REGIMES
+from aldm_fed.evaluation.report import config_summary, write_report
+
+
+def regime(prefix: str, auc: float, *, n_real: int = 4, n_syn: int = 0, ci: bool = True) -> dict[str, float]:
+    out: dict[str, float] = {f"{prefix}.n_seeds": 3, f"{prefix}.n_train_cases_real": n_real,
+                             f"{prefix}.n_train_cases_syn": n_syn}
+    for metric, value in (("auc", auc), ("balanced_accuracy", auc - 0.1), ("f1", auc - 0.2)):
+        out[f"{prefix}.{metric}_mean"] = value
+        out[f"{prefix}.{metric}_std"] = 0.02
+        if ci:
+            out[f"{prefix}.{metric}_ci_low"] = value - 0.1
+            out[f"{prefix}.{metric}_ci_high"] = value + 0.05
+    return out
+
+
+SITES = {
+    # A: every regime but real_aug; C: no synthetic volumes, no oracle pool, one metric NaN.
+    "A": {"n_test_cases": 8, "n_test_samples": 400, **regime("real_only", 0.70), **regime("real_syn", 0.78, n_syn=4),
+          **regime("syn_only", 0.61, n_real=0, n_syn=12), **regime("oracle", 0.90, n_real=20)},
+    "C": {"n_test_cases": 4, **regime("real_only", 0.65), "real_only.f1_mean": float("nan")},
+}
+CONTEXT = {"run_name": "tiny", "rounds": 3, "ci": 0.95, "seeds": [0, 1, 2]}
+# What a federated site sends besides its classifier numbers (sharing.ALLOW_LIST["local"]).
+WORK = {"adapt.loss": 0.9981, "adapt.grad_norm": 0.0044, "synthesis.n_volumes": 4,
+        "n_source_cases": 2, "n_target_cases": 4}
+# As the coordinator's `_report` builds it; site D did not finish, so it sent no metrics.
+FED_CONTEXT = {
+    "run": "tiny",
+    "mode": "federated",
+    "sites": {"A": {"source": 2, "target": 4, "test": 8, "status": "ok"},
+              "C": {"source": 0, "target": 4, "test": 4, "status": "ok"},
+              "D": {"source": 2, "target": 2, "test": 2, "status": "failed: CUDA out of memory"}},
+    "phases": {"vae": {"rounds": 1, "local_steps": 2}, "scale": {}, "local": {"adapt": True}},
+    "rounds": [{"phase": "vae", "round": 1, "time": "2026-01-01T00:00:00+00:00", "sites": ["A", "C"],
+                "metrics": {"loss": 0.33742867, "kl": 0.15346881}},
+               {"phase": "backbone", "round": 1, "time": "2026-01-01T00:01:00+00:00", "sites": ["A"],
+                "metrics": {"loss": 1.0278966, "grad_norm": 0.6765452}}],
+    "seconds": 25.7,
+    "global_models": {"vae": "/runs/x|y/vae/final", "backbone": "/runs/x|y/backbone/final"},
+}
+
+
+@pytest.fixture
+def report(tmp_path: Path) -> dict[str, Path]:
+    return write_report(tmp_path / "out", SITES, title="Federated run tiny", context=CONTEXT)
+
+
+@pytest.fixture
+def federated(tmp_path: Path) -> dict[str, Path]:
+    sites = {name: {**metrics, **WORK} for name, metrics in SITES.items()}
+    return write_report(tmp_path / "fed", sites, title="aldm-fed federated run tiny", context=FED_CONTEXT)
+
+
+def table(md: str, heading: str) -> list[list[str]]:
+    """The rows of the Markdown table under `## heading` (or `### heading`), cells stripped."""
+    block = md.split(f"## {heading}\n", 1)[1].split("\n#", 1)[0]
+    cells = [line.replace("\\|", "\0").strip("|").split("|") for line in block.splitlines() if line.startswith("|")]
+    return [[c.replace("\0", "|").strip() for c in row] for row in cells]
+
+
+def test_markdown_has_a_table_per_metric_with_sites_and_regimes(report):
+    md = report["md"].read_text()
+    assert md.startswith("# Federated run tiny\n")
+    assert "- **rounds**: 3" in md and "- **seeds**: 0, 1, 2" in md
+    assert "held-out REAL cases" in md and "95% patient-level bootstrap" in md and "Small n" in md
+    auc = table(md, "AUC")
+    assert auc[0] == ["site", "n test", "real_only", "real_only CI", "real_syn", "real_syn CI",
+                      "syn_only", "syn_only CI", "oracle", "oracle CI"]  # no column for real_aug: never ran
+    assert auc[2] == ["A", "8", "0.700 ± 0.020", "[0.600, 0.750]", "0.780 ± 0.020", "[0.680, 0.830]",
+                      "0.610 ± 0.020", "[0.510, 0.660]", "0.900 ± 0.020", "[0.800, 0.950]"]
+    assert auc[3][:4] == ["C", "4", "0.650 ± 0.020", "[0.550, 0.700]"] and set(auc[3][4:]) == {"-"}
+    assert table(md, "Balanced accuracy")[2][2] == "0.600 ± 0.020"
+    assert table(md, "F1")[3][2] == "-"  # NaN at C: missing, not "nan"
+    diff = table(md, "Synthetic data effect: real_syn - real_only (AUC)")
+    assert diff[2] == ["A", "0.700", "0.780", "+0.080"] and diff[3] == ["C", "0.650", "-", "-"]
+    assert table(md, "Training data")[2] == ["A", "4 / 0", "4 / 4", "0 / 12", "20 / 0"]
+
+
+def test_csv_has_one_row_per_site_and_regime_that_ran(report):
+    with open(report["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["site"], r["regime"]) for r in rows] == [
+        ("A", "real_only"), ("A", "real_syn"), ("A", "syn_only"), ("A", "oracle"), ("C", "real_only")]
+    assert float(rows[1]["auc_mean"]) == 0.78 and rows[1]["n_train_cases_syn"] == "4"
+    assert rows[4]["n_test_cases"] == "4" and rows[4]["f1_mean"] == "" and rows[4]["n_test_samples"] == ""
+
+
+def test_json_keeps_everything(report):
+    doc = json.loads(report["json"].read_text())
+    assert doc["title"] == "Federated run tiny" and doc["context"] == CONTEXT
+    assert doc["regimes"] == ["real_only", "real_syn", "syn_only", "oracle"]
+    assert doc["sites"]["A"]["regimes"]["oracle"]["auc_mean"] == 0.90
+    assert doc["sites"]["A"]["auc_diff_real_syn_minus_real_only"] == pytest.approx(0.08)
+    assert doc["sites"]["C"]["auc_diff_real_syn_minus_real_only"] is None
+    assert "f1_mean" not in doc["sites"]["C"]["regimes"]["real_only"]
+    assert doc["sites"]["C"]["site"] == {"n_test_cases": 4}
+
+
+def test_no_interval_means_no_ci_column_and_nothing_left_behind(tmp_path):
+    paths = write_report(tmp_path, {"B": regime("real_only", 0.5, ci=False)}, title="t", context={})
+    auc = table(paths["md"].read_text(), "AUC")
+    assert auc[0] == ["site", "n test", "real_only"] and auc[2] == ["B", "-", "0.500 ± 0.020"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv", "report.json", "report.md"]
+    assert "## Site work" not in paths["md"].read_text()  # a single site's evaluation: no site work
+
+
+def test_site_work_keys_never_become_regime_columns(federated):
+    md = federated["md"].read_text()
+    for heading in ("AUC", "Balanced accuracy", "F1", "Training data"):
+        header = table(md, heading)[0]
+        assert not any(c.startswith(("adapt", "synthesis")) for c in header), (heading, header)
+    assert table(md, "AUC")[0][2::2] == ["real_only", "real_syn", "syn_only", "oracle"]
+    work = table(md, "Site work")
+    assert work[0] == ["site", "status", "ControlNet adaptation loss", "synthetic volumes", "adapt.grad_norm",
+                       "source cases", "target cases", "test cases"]
+    assert work[2] == ["A", "ok", "0.998", "4", "0.004", "2", "4", "8"]
+    doc = json.loads(federated["json"].read_text())
+    assert doc["regimes"] == ["real_only", "real_syn", "syn_only", "oracle"] and set(doc["regimes"]) <= set(REGIMES)
+    assert set(doc["sites"]["A"]["regimes"]) <= set(REGIMES)
+    assert doc["sites"]["A"]["work"] == {"adapt.loss": 0.9981, "adapt.grad_norm": 0.0044, "synthesis.n_volumes": 4}
+    with open(federated["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["regime"] for r in rows} <= set(REGIMES) and len(rows) == 5
+    assert rows[0]["adapt.loss"] == "0.9981" and rows[0]["synthesis.n_volumes"] == "4"
+
+
+def test_federated_context_is_tables_not_json(federated):
+    md = federated["md"].read_text()
+    context = md.split("## Context\n", 1)[1].split("\n## ", 1)[0]
+    assert "{" not in context and "[" not in context  # no inline JSON
+    assert "- **run**: tiny" in context and "- **seconds**: 25.7" in context
+    assert "- **global_models**:\n  - vae: /runs/x|y/vae/final\n  - backbone: /runs/x|y/backbone/final" in context
+    assert table(md, "Sites") == [["sites", "source", "target", "test", "status"], ["---"] * 5,
+                                  ["A", "2", "4", "8", "ok"], ["C", "0", "4", "4", "ok"],
+                                  ["D", "2", "2", "2", "failed: CUDA out of memory"]]
+    phases = table(md, "Phases")
+    assert phases[0] == ["phases", "rounds", "local_steps", "adapt"]
+    assert phases[2:] == [["vae", "1", "2", "-"], ["scale", "-", "-", "-"], ["local", "-", "-", "True"]]
+    rounds = table(md, "Rounds")
+    assert rounds[0] == ["phase", "round", "time", "sites", "metrics.loss", "metrics.kl", "metrics.grad_norm"]
+    assert rounds[2] == ["vae", "1", "2026-01-01T00:00:00+00:00", "A, C", "0.3374", "0.1535", "-"]
+    assert rounds[3] == ["backbone", "1", "2026-01-01T00:01:00+00:00", "A", "1.028", "-", "0.6765"]
+    assert json.loads(federated["json"].read_text())["context"] == FED_CONTEXT
+
+
+def test_failed_site_is_listed_with_its_status(federated):
+    md = federated["md"].read_text()
+    work = table(md, "Site work")
+    assert [row[0] for row in work[2:]] == ["A", "C", "D"]
+    assert work[4] == ["D", "failed: CUDA out of memory", "-", "-", "-", "-", "-", "-"]
+    assert "D" not in [row[0] for row in table(md, "AUC")]  # no metrics, no made-up numbers
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no site metrics"):
+        write_report(tmp_path, {}, title="t", context={})
+    with pytest.raises(ValueError, match=r"site 'A': metric 'real_only.auc_mean' must be a number"):
+        write_report(tmp_path, {"A": {"real_only.auc_mean": "0.7"}}, title="t", context={})
+
+
+def test_config_summary_is_plain():
+    summary = config_summary(compose(["experiment=tiny", "classifier.seeds=[0]"]))
+    assert summary["run_name"] == "tiny" and summary["task"] == "slice" and summary["seeds"] == [0]
+    assert json.loads(json.dumps(summary)) == summary

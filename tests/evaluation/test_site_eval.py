@@ -1,0 +1,165 @@
+"""`evaluate_site` and `aldm-fed evaluate` on the tiny phantom: every regime on a site's own cases,
+tested on its held-out real ones; the shareable metrics are plain numbers under fixed names.
+
+A hand-made synthesis folder (flipped copies of site A's few-shot cases, written with the synthesis
+writer) stands in for the generative chain, which tests/test_cli.py covers; a tiny CNN trains for a
+few steps (plumbing, not quality).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aldm_fed.cli import main
+from aldm_fed.config import compose
+from aldm_fed.data.manifest import read_manifest, write_manifest
+from aldm_fed.data.phantom import PhantomConfig, make_cohort
+from aldm_fed.data.volumes import load_split
+from aldm_fed.evaluation.site import METRIC_KEY_PATTERN, SiteEvaluation, evaluate_site
+from aldm_fed.synthesis import case_files, synthesize_site, write_labels_csv, write_synthetic_case
+from aldm_fed.synthesis import write_manifest as write_syn_manifest
+
+TINY_CLASSIFIER = [
+    "classifier.train.steps=3", "classifier.train.batch_size=8", "classifier.train.progress=false",
+    "classifier.seeds=[0]", "classifier.eval.n_boot=20",
+    "classifier.network.alexlite.channels=[4,8,8,8]", "classifier.network.alexlite.hidden=8",
+    "classifier.network.alexlite.dropout=0.0", "classifier.network.alexlite.stem_kernel=3",
+    "classifier.regimes=[real_only,real_syn,syn_only,oracle]",
+]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny phantom sites A (2 source, 2 target, 2 test cases) and C (no source cases)."""
+    root = tmp_path_factory.mktemp("site_eval")
+    cfg = compose(["experiment=tiny", "~phantom.sites.B"])
+    make_cohort(root / "cohort", PhantomConfig.from_mapping(cfg.phantom), seed=0, progress=False)
+    return root
+
+
+def overrides(root: Path, *extra: str) -> list[str]:
+    return ["experiment=tiny", "device=cpu", f"paths.cohort={root / 'cohort'}", f"paths.cache={root / 'cache'}",
+            f"paths.runs={root / 'runs'}", *TINY_CLASSIFIER, *extra]
+
+
+def site_cfg(root: Path, *extra: str) -> Any:
+    return compose(overrides(root, *extra))
+
+
+def fake_synthesis(cfg: Any, site: str, n: int) -> Path:
+    """`n` synthetic cases in the site's synthesis folder: left-right flipped copies of its target
+    cases (mask and host = that case), in the layout `aldm-fed synthesize` writes."""
+    target = load_split(cfg, "target", sites=[site], progress=False)
+    out = Path(str(cfg.paths.runs)) / "sites" / site / "synthesis"
+    modalities = list(target.modalities)
+    records = []
+    for i in range(n):
+        j = i % len(target)
+        sid, case = f"SYN-{site}-{i:05d}", target.case_ids[j]
+        record = {"synth_id": sid, "index": i, "site": site, "source_case": case, "host_case": case,
+                  "label": None, "files": case_files(sid, modalities)}
+        write_synthetic_case(out, sid, np.flip(target.images[j], 1), np.flip(target.segs[j], 0),
+                             np.eye(4), modalities, record)
+        records.append(record)
+    write_syn_manifest(out, {"complete": True, "site": site, "model": {"modalities": modalities},
+                             "settings": {"label_column": "grade"}}, records)
+    write_labels_csv(out, records)
+    return out
+
+
+@pytest.fixture(scope="module")
+def site_a(root: Path) -> tuple[SiteEvaluation, float]:
+    cfg = site_cfg(root, "site=A")
+    fake_synthesis(cfg, "A", 3)
+    t0 = time.perf_counter()
+    result = evaluate_site(cfg, progress=False)
+    return result, time.perf_counter() - t0
+
+
+def test_evaluate_site_runs_every_regime_on_the_sites_cases(site_a, root):
+    result, _ = site_a
+    rows = {r["regime"]: r for r in result.rows}
+    assert [r["regime"] for r in result.rows] == ["real_only", "real_syn", "syn_only", "oracle"]
+    assert all(r["status"] == "ok" for r in result.rows), result.rows
+    assert (rows["real_only"]["n_train_cases_real"], rows["real_only"]["n_train_cases_syn"]) == (2, 0)
+    assert (rows["real_syn"]["n_train_cases_real"], rows["real_syn"]["n_train_cases_syn"]) == (2, 2)  # syn_ratio 1
+    assert (rows["syn_only"]["n_train_cases_real"], rows["syn_only"]["n_train_cases_syn"]) == (0, 3)
+    assert rows["oracle"]["n_train_cases_real"] == 4  # target + source cases of site A
+    assert all(r["n_test_cases"] == 2 for r in result.rows)
+    assert result.run_dir == root / "runs" / "sites" / "A" / "classifier"
+    assert (result.run_dir / "results.json").is_file() and (result.run_dir / "oracle" / "seed_0").is_dir()
+    assert (result.n_target_cases, result.n_synthetic_cases, result.n_test_cases) == (2, 3, 2)
+    assert result.notes == []
+
+
+def test_metrics_are_finite_numbers_under_fixed_names(site_a):
+    result, _ = site_a
+    metrics = result.metrics()
+    for key, value in metrics.items():
+        assert METRIC_KEY_PATTERN.fullmatch(key), key
+        assert type(value) in (int, float) and math.isfinite(value), (key, value)
+    assert metrics["n_test_cases"] == 2 and metrics["n_target_cases"] == 2 and metrics["n_synthetic_cases"] == 3
+    assert metrics["real_syn.n_train_cases_syn"] == 2 and metrics["oracle.n_train_cases_real"] == 4
+    for regime in ("real_only", "real_syn", "syn_only", "oracle"):
+        assert 0.0 <= metrics[f"{regime}.auc_mean"] <= 1.0
+        assert isinstance(metrics[f"{regime}.n_seeds"], int)
+    # A NaN (an interval without valid resamples) is left out, never sent.
+    row = {**result.rows[0], "auc_ci_low": float("nan")}
+    nan_result = SiteEvaluation(result.site, [row], result.run_dir, 2, 0, 2)
+    assert "real_only.auc_ci_low" not in nan_result.metrics() and "real_only.auc_mean" in nan_result.metrics()
+
+
+def test_a_finished_evaluation_is_read_back_not_retrained(site_a, root):
+    first, first_seconds = site_a
+    t0 = time.perf_counter()
+    again = evaluate_site(site_cfg(root), "A", progress=False)  # site as an argument this time
+    assert again.metrics() == first.metrics()
+    assert time.perf_counter() - t0 < first_seconds + 1.0
+
+
+def test_site_without_synthesis_or_source_cases_skips_those_regimes(root):
+    result = evaluate_site(site_cfg(root, "site=C"), progress=False)
+    status = {r["regime"]: r["status"] for r in result.rows}
+    assert status == {"real_only": "ok", "real_syn": "skipped", "syn_only": "skipped", "oracle": "skipped"}
+    assert any("no synthetic volumes" in n and "aldm-fed synthesize --site C" in n for n in result.notes)
+    assert any("oracle skipped" in n for n in result.notes)
+    metrics = result.metrics()
+    assert metrics["n_synthetic_cases"] == 0 and "real_only.auc_mean" in metrics
+    assert not any(k.startswith(("real_syn.", "syn_only.", "oracle.")) for k in metrics)
+
+
+def test_no_site_is_a_clear_error(root):
+    for run in (evaluate_site, synthesize_site):
+        with pytest.raises(ValueError, match="--site"):
+            run(site_cfg(root))
+
+
+def test_cli_evaluate_writes_the_report(root, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--site", "C", "--no-progress", *overrides(root)])
+    out = capsys.readouterr().out
+    assert info.value.code == 0, out
+    folder = root / "runs" / "sites" / "C" / "classifier"
+    assert f"table: {folder / 'report.md'}" in out and "real_syn: skipped" in out
+    md = (folder / "report.md").read_text()
+    assert "Downstream classification, site C" in md and "| C |" in md
+    assert (folder / "report.csv").read_text().splitlines()[1].startswith("C,real_only,")
+
+
+def test_cli_evaluate_without_test_cases_names_the_manifest(root, tmp_path, capsys):
+    # Site A's manifest with an empty test split, in a cohort of its own.
+    manifest = read_manifest(root / "cohort" / "manifests" / "A.json")
+    manifest.data_root = str(root / "cohort" / "A")
+    manifest.splits["test"] = []
+    path = write_manifest(manifest, tmp_path / "cohort" / "manifests" / "A.json")
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--site", "A", "--no-progress", *overrides(root, f"paths.cohort={tmp_path / 'cohort'}")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert str(path) in err and "no 'test' cases" in err and "Traceback" not in err
