@@ -342,18 +342,126 @@ def certs(
 def simulate(overrides: Overrides = None, no_progress: NoProgress = False) -> None:
     """Run the whole federated pipeline with every site simulated on this machine (Flower's
     simulation engine; the embedded phantom cohort is made at paths.cohort when there is none)."""
-    import logging
-
     from aldm_fed.federation.simulation import simulate as run_simulation
     from aldm_fed.federation.strategy import FederationError
+    from aldm_fed.log import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     try:
         status = run_simulation(_compose(overrides), progress=not no_progress)
     except FederationError as exc:
         _fail(str(exc), code=1)
     typer.echo(f"federated run done in {status['seconds']} s; sites {', '.join(status['sites'])}")
     typer.echo(f"report: {status['report']}")
+
+
+# Mirrors aldm_fed.federation.launch.DEFAULT_PORT (tests check) without importing it at startup.
+SERVER_PORT = 8000
+
+
+@app.command("server")
+def server(
+    overrides: Overrides = None,
+    certs_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--certs", help="Folder made by `aldm-fed certs` (ca.crt, server.*, sites/*.pub)."),
+    ] = None,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host",
+            help="Address to listen on; 0.0.0.0 for all interfaces (then firewall the port to the"
+            " sites: Flower's unauthenticated Control API shares it).",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="The SuperLink's port.")] = SERVER_PORT,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS and no SuperNode authentication (closed test networks).")
+    ] = False,
+) -> None:
+    """Run the federation's server: start the SuperLink (TLS + SuperNode authentication), register
+    the sites' keys, submit the run and stream it; exit 0 if the run completed, 1 if not."""
+    from aldm_fed.federation.launch import LaunchError, interrupt_on_sigterm, run_server
+
+    cfg = _compose(overrides)
+    try:
+        with interrupt_on_sigterm():
+            status = run_server(cfg, certs=certs_dir, host=host, port=port, insecure=insecure, echo=typer.echo)
+    except LaunchError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the run and the SuperLink were stopped", err=True)
+        raise typer.Exit(130) from None
+    if not status.ok:
+        raise typer.Exit(1)
+
+
+@app.command("client")
+def client(
+    site: Annotated[str, typer.Option("--site", help="This site's name (as in the certificates).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="The site's cohort folder (case folders + manifests/<site>.json).")
+    ],
+    server_address: Annotated[
+        str, typer.Option("--server", help="The SuperLink as HOST:PORT.")
+    ] = f"127.0.0.1:{SERVER_PORT}",
+    certs_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--certs", help="Folder with ca.crt and sites/<site>.key (or <site>.key)."),
+    ] = None,
+    ca: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--ca", help="The federation's CA certificate (instead of --certs)."),
+    ] = None,
+    key: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--key", help="This site's SuperNode private key (instead of --certs)."),
+    ] = None,
+    state: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--state", help="The site's state folder (default: ./aldm-fed-state/<site>)."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, for a server started with --insecure.")
+    ] = False,
+    port: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--port", help="The SuperNode's local Runtime API port (default: a free one)."),
+    ] = None,
+    max_wait: Annotated[
+        float, typer.Option("--max-wait", help="Stop once the server has been unreachable this many seconds.")
+    ] = 600.0,
+    join_wait: Annotated[
+        float,
+        typer.Option("--join-wait", help="Keep retrying this many seconds while the server refuses to let"
+                     " the site join (e.g. its key is not registered yet)."),
+    ] = 600.0,
+) -> None:
+    """Join a federation as one site: run its SuperNode in the foreground until the server goes
+    away (exit 0) or Ctrl-C."""
+    from aldm_fed.federation.launch import LaunchError, interrupt_on_sigterm, run_client, site_files
+
+    if insecure and (certs_dir or ca or key):
+        _fail("--insecure takes no certificates or keys (SuperNode authentication needs TLS)")
+    if certs_dir is not None and (ca or key):
+        _fail("give either --certs DIR or --ca FILE --key FILE, not both")
+    if certs_dir is not None:
+        ca, key = site_files(certs_dir, site)
+    elif not insecure and (ca is None or key is None):
+        _fail("TLS needs --ca FILE and --key FILE (or --certs DIR); --insecure only for an --insecure server")
+    try:
+        with interrupt_on_sigterm():
+            code = run_client(
+                site=site, data=data, server=server_address, state=state or Path("aldm-fed-state") / site,
+                ca_cert=ca, private_key=key, insecure=insecure, port=port, max_wait_s=max_wait, join_wait_s=join_wait,
+                echo=typer.echo,
+            )
+    except LaunchError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the SuperNode of site {site} was stopped", err=True)
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 def _echo_result(title: str, result: dict) -> None:

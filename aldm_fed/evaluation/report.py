@@ -175,8 +175,8 @@ def _auc_difference(by_regime: dict[str, dict[str, Numbers]], site: str) -> floa
 
 
 def _inline(value: Any, nested: bool = False) -> str:
-    """A context value on one line: floats to 4 significant digits, strings (paths) as given, lists
-    joined by ", ", mappings as `k=v`; containers inside containers in parentheses."""
+    """A context value on one line: floats to 4 significant digits, strings (paths) as given (a
+    newline as a space), lists joined by ", ", mappings as `k=v`; inner containers in parentheses."""
     if isinstance(value, Mapping):
         text = ", ".join(f"{k}={_inline(v, True)}" for k, v in value.items())
     elif isinstance(value, (list, tuple)):
@@ -184,7 +184,7 @@ def _inline(value: Any, nested: bool = False) -> str:
     elif isinstance(value, float) and math.isfinite(value):
         return repr(float(f"{value:.4g}"))
     else:
-        return str(value)
+        return str(value).replace("\n", " ")
     return f"({text})" if nested else text or "-"
 
 
@@ -219,9 +219,9 @@ def _context(context: Mapping[str, Any]) -> list[str]:
             tables += [f"### {str(key).replace('_', ' ').capitalize()}", ""]
             tables += _table(columns, [[row.get(c, "-") for c in columns] for row in rows]) + [""]
         elif isinstance(value, Mapping) and value:
-            items += [f"- **{key}**:"] + [f"  - {k}: {_cell(_inline(v))}" for k, v in value.items()]
+            items += [f"- **{key}**:"] + [f"  - {k}: {_inline(v)}" for k, v in value.items()]
         else:
-            items.append(f"- **{key}**: {_cell(_inline(value))}")
+            items.append(f"- **{key}**: {_inline(value)}")
     return ["## Context", "", *items, "", *tables]
 
 

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from aldm_fed.config import unflatten_config
 from aldm_fed.federation import site as site_fn
 from aldm_fed.federation.sharing import allow_list_mod, audit_mod
+from aldm_fed.log import configure_logging
 from aldm_fed.training.device import configure_threads
 
 __all__ = ["OUTGOING_LOG", "Mod", "client_app", "server_app", "site_of"]
@@ -45,6 +46,7 @@ def server_app(cfg: Any | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         from aldm_fed.federation.coordinator import run_federation
 
+        configure_logging()  # the ServerApp runs in its own process (flwr-serverapp)
         run_federation(grid, cfg if cfg is not None else unflatten_config(context.run_config))
 
     return app
@@ -74,6 +76,7 @@ def site_of(cfg: Any, context: Context) -> site_fn.Site:
 
 def _handle(cfg: Any, msg: Message, context: Context) -> Message:
     """Route one message to the site function of its phase."""
+    configure_logging()  # a simulated site is a Ray actor: its loggers are ours to set up
     site = site_of(cfg, context)
     configure_threads(cfg.device.get("num_threads"))
     config = msg.content["config"]

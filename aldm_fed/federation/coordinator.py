@@ -174,21 +174,36 @@ def _fedavg_phase(
     vae_ckpt: Checkpoint | None = None,
     scale_ckpt: Checkpoint | None = None,
 ) -> Checkpoint:
-    """FedAvg rounds of `phase`, resumed from the last round; then the global `final/`."""
-    final = state.layout.final(phase)
-    if (final / "meta.json").is_file():
-        log.info("[%s] already complete: %s", phase, final)
-        return load_checkpoint(final)
+    """FedAvg rounds of `phase`, resumed from the last round; then the global `final/`.
+
+    A `final/` is current when it has the configured number of rounds on the same inputs (the
+    backbone: the same global VAE and scale factor). Raising `rounds` continues from the last
+    round; new inputs (a VAE trained further) start the phase over.
+    """
     settings = cfg.fed.phases[phase]
     rounds, local_steps = int(settings.rounds), int(settings.local_steps)
-    done, last = state.last_round(phase)
+    inputs = ({} if phase == "vae" else
+              {"vae": checkpoint_identity(vae_ckpt), "scale": checkpoint_identity(scale_ckpt)})
+    final = state.layout.final(phase)
+    if (final / "meta.json").is_file():
+        fed = json.loads((final / "meta.json").read_text()).get("federated", {})
+        if fed.get("rounds") == rounds and fed.get("inputs") == inputs:
+            log.info("[%s] already complete: %s", phase, final)
+            return load_checkpoint(final)
+    done, last = state.last_round(phase, inputs)
+    if done > rounds:
+        raise FederationError(
+            f"[{phase}] {done} rounds already ran in {state.root}, more than fed.phases.{phase}.rounds="
+            f"{rounds}; raise it or start a new run (run_name)"
+        )
     groups = last.tensors if last is not None else initial_weights(cfg, phase)
     state.truncate_log(phase, done)
     if done:
         log.info("[%s] resuming after round %d of %d", phase, done, rounds)
 
     def on_round(rnd: int, arrays: Any, metrics: Any, used: list[str]) -> None:
-        state.save_round(phase, rnd, from_array_record(arrays), {"sites": used, "metrics": dict(metrics)})
+        state.save_round(phase, rnd, from_array_record(arrays),
+                         {"sites": used, "metrics": dict(metrics), "inputs": inputs})
 
     if done < rounds:
         initial = to_array_record(groups)
@@ -201,16 +216,17 @@ def _fedavg_phase(
             timeout=float(cfg.fed.round_timeout_s),
             train_config=ConfigRecord({"local-steps": local_steps, **extra}),
         )
-        _, last = state.last_round(phase)
-        assert last is not None
-    info = last.meta if last is not None else {}
-    sites, metrics = list(info.get("sites", [])), dict(info.get("metrics", {}))
+        _, last = state.last_round(phase, inputs)
+    if last is None:  # rounds=0
+        raise FederationError(f"[{phase}] fed.phases.{phase}.rounds must be at least 1")
+    sites, metrics = list(last.meta.get("sites", [])), dict(last.meta.get("metrics", {}))
     if phase == "vae":
         meta = vae_meta(cfg, rounds=rounds, local_steps=local_steps, sites=sites, metrics=metrics)
     else:
         assert vae_ckpt is not None and scale_ckpt is not None
         meta = backbone_meta(cfg, vae_ckpt=vae_ckpt, scale_ckpt=scale_ckpt, rounds=rounds,
                              local_steps=local_steps, sites=sites, metrics=metrics)
+    meta["federated"]["inputs"] = inputs
     write_final(state.layout.stage_dir(phase), last.tensors, meta,
                 {"stage": phase, "summary": metrics, "federated": meta["federated"]})
     log.info("[%s] global model: %s", phase, final)
@@ -309,7 +325,7 @@ def _report(cfg: Any, state: ServerState, sites: Mapping[int, SiteInfo], results
         "run": str(cfg.run_name),
         "mode": "federated",
         "sites": {s.name: {"source": s.n_source, "target": s.n_target, "test": s.n_test, "status": results[s.name]["status"]}
-                  for s in sites.values()},
+                  for s in sorted(sites.values(), key=lambda s: s.name)},
         "phases": plain_config(cfg.fed.phases),
         "rounds": state.rounds(),
         "seconds": round(seconds, 1),

@@ -183,12 +183,25 @@ class ServerState:
     def round_dir(self, phase: str, rnd: int) -> Path:
         return self.root / "rounds" / phase / f"round_{rnd:04d}"
 
-    def last_round(self, phase: str) -> tuple[int, Checkpoint | None]:
-        """(number, checkpoint) of the newest complete round of `phase`; (0, None) when none."""
+    def last_round(self, phase: str, inputs: Mapping[str, Any]) -> tuple[int, Checkpoint | None]:
+        """(number, checkpoint) of the newest complete round of `phase` on `inputs`; (0, None)
+        when none. Rounds on other inputs (e.g. a backbone trained under an older VAE) are
+        deleted: they cannot be continued.
+
+        Args:
+            phase: "vae" or "backbone".
+            inputs: what the phase's rounds build on (`{}` for the VAE; the backbone: the
+                identities of the global VAE and scale checkpoints).
+        """
         folder = self.root / "rounds" / phase
         for path in sorted(folder.glob("round_*"), reverse=True) if folder.is_dir() else []:
-            if (path / "meta.json").is_file():
-                return int(path.name.split("_")[1]), load_checkpoint(path)
+            if not (path / "meta.json").is_file():
+                continue
+            ckpt = load_checkpoint(path)
+            if ckpt.meta.get("inputs", {}) == dict(inputs):
+                return int(path.name.split("_")[1]), ckpt
+            log.warning("[%s] discarding %s: it was trained on other inputs", phase, path)
+            shutil.rmtree(path)
         return 0, None
 
     def save_round(

@@ -44,12 +44,12 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from aldm_fed import __version__
 from aldm_fed.io import atomic_dir, atomic_write_text
@@ -62,7 +62,6 @@ __all__ = [
     "ServerTls",
     "SuperLink",
     "SuperNode",
-    "absolute_paths",
     "app_source_dir",
     "client_command",
     "follow_run",
@@ -88,6 +87,8 @@ PUBLISHER = "aldm-fed"  # [tool.flwr.app] publisher; also marks a folder as stag
 _APP_PARTS = ("server", "client")
 _INT64 = (-(2**63), 2**63 - 1)  # Flower carries run-config integers as sint64
 _FLWR_TIMEOUT_S = 120.0  # one `flwr` CLI call (it imports Flower: ~1 s, more on a busy machine)
+_RETRY_S = 5.0  # `aldm-fed client`: pause before restarting a SuperNode that could not join
+_EARLY_EXIT_S = 60.0  # a SuperNode exiting sooner than this after its start did not join
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
@@ -210,29 +211,6 @@ def _is_staged_app(folder: Path) -> bool:
     return config.get("tool", {}).get("flwr", {}).get("app", {}).get("publisher") == PUBLISHER
 
 
-def absolute_paths(cfg: DictConfig, base: str | os.PathLike[str] | None = None) -> DictConfig:
-    """`cfg` with every relative `paths.*` and `fed.state` made absolute against `base`.
-
-    Flower's ServerApp and ClientApps run in other working directories, so a run config must not
-    hold relative paths. Values that already resolve to absolute paths keep their interpolation
-    (e.g. `fed.state: ${paths.runs}/federation` follows `paths.runs`).
-
-    Args:
-        cfg: a composed config (changed in place and returned).
-        base: the folder relative paths are taken against (default: the working directory).
-
-    Returns:
-        `cfg`.
-    """
-    base_dir = Path(base) if base is not None else Path.cwd()
-    keys = [f"paths.{name}" for name in (cfg.get("paths") or {})] + ["fed.state"]
-    for key in keys:
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, str) and not Path(value).is_absolute():
-            OmegaConf.update(cfg, key, str((base_dir / value).resolve()), merge=False)
-    return cfg
-
-
 # --------------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------------
@@ -338,7 +316,14 @@ def _popen(command: list[str], env: Mapping[str, str], output: Any) -> subproces
 
 
 def _stop_group(process: subprocess.Popen[Any], timeout: float) -> int:
-    """SIGTERM the process's group, SIGKILL it after `timeout`; returns the exit code."""
+    """Stop a process, its group and every descendant; returns the process's exit code.
+
+    SIGTERM to the group first (Flower's processes shut down gracefully on it), then to the
+    descendants that outlived the process, SIGKILL to what is left after `timeout`. Descendants
+    are tracked because Flower starts the SuperLink's SuperExec in a session of its own, and its
+    ServerApp, left alone, retries the vanished SuperLink for seconds before it gives up.
+    """
+    tree = _descendants(process.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -347,12 +332,20 @@ def _stop_group(process: subprocess.Popen[Any], timeout: float) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         code = process.wait()
-    # Children that outlived the leader (they would otherwise be orphans).
+    # What is left of the tree outlived its parent and can do nothing useful without it.
+    for pid, start in tree:
+        if _alive(pid, start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _group_alive(process.pid) and time.monotonic() < deadline:
+    while (_group_alive(process.pid) or any(_alive(*proc) for proc in tree)) and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    for pid, start in tree:
+        if _alive(pid, start):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     return code
 
 
@@ -364,6 +357,35 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...; Linux), or None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and ")"
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every descendant of `pid` now; empty where there is no /proc."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        if (fields := _proc_stat(entry.name)) is not None:
+            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _alive(pid: int, start: str) -> bool:
+    """True if the process `pid` that started at `start` still runs (zombies count as gone)."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[19] == start and fields[0] != "Z"
 
 
 def _check_files(*paths: Path) -> None:
@@ -489,14 +511,15 @@ class SuperLink:
                 f" {(text + result.stderr).strip()[-2000:]}"
             ) from None
         if not answer.get("success", False):
-            message = str(answer.get("error-message", answer)).strip()
-            raise LaunchError(f"`flwr {' '.join(args)}` failed: {message}")
+            # Flower's message ends with the error itself, after lines echoing the connection.
+            lines = str(answer.get("error-message", answer)).strip().splitlines() or ["(no message)"]
+            raise LaunchError(f"`flwr {' '.join(args)}` failed: {lines[-1]}")
         return answer
 
     def stop(self, timeout: float = 20.0) -> int:
         """Stop the SuperLink (its ServerApp and SuperExec with it); returns its exit code."""
         # SIGTERM lets uvicorn shut down gracefully, which also terminates the SuperExec it
-        # started in a session of its own; ServerApps exit when their SuperExec is gone.
+        # started in a session of its own; its ServerApp is stopped as a leftover descendant.
         return _stop_group(self.process, timeout)
 
     def __enter__(self) -> SuperLink:
@@ -679,14 +702,15 @@ def follow_run(
 ) -> RunStatus:
     """Stream a run's log to `out` until the run has finished; returns how it finished.
 
-    `flwr log --stream` ends when the SuperLink marks the run finished; the status then comes from
-    `flwr ls`, polled until finished in case the stream ended early (a dropped connection).
+    `flwr log --stream` ends when the SuperLink marks the run finished; `flwr ls` then gives the
+    status. A stream that ends before (a dropped connection) is started again, skipping the lines
+    already shown (the log only grows, and each stream starts from its beginning).
 
     Args:
         link: the SuperLink.
         run_id: the run.
         out: where the log goes (default: standard output).
-        poll_s: seconds between status polls after the stream ended.
+        poll_s: seconds before a dropped stream is started again.
         timeout: seconds to wait for the end at most (None: no limit).
 
     Raises:
@@ -694,36 +718,46 @@ def follow_run(
     """
     out = out if out is not None else sys.stdout
     deadline = None if timeout is None else time.monotonic() + timeout
+    shown = 0
+    while True:
+        shown = _stream_log(link, run_id, out, shown, deadline)
+        if (status := run_status(link, run_id)).finished:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise LaunchError(f"run {run_id} did not finish within {timeout:.0f} s")
+        time.sleep(poll_s)
+
+
+def _stream_log(link: SuperLink, run_id: int, out: TextIO, skip: int, deadline: float | None) -> int:
+    """One `flwr log --stream`: copy its lines after the first `skip`; returns the lines seen."""
     env = _flower_env(link.flwr_home)
     command = [_binary("flwr", env), "log", str(run_id), CONNECTION, "--stream"]
     stream = subprocess.Popen(
         command, env=env, cwd=link.flwr_home, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
     )
-    reader = threading.Thread(target=_copy_lines, args=(stream.stdout, out), daemon=True)
+    seen = [0]
+
+    def copy() -> None:
+        for line in stream.stdout or ():
+            seen[0] += 1
+            if seen[0] > skip:
+                out.write(line)
+                out.flush()
+
+    # A thread reads, so that this (main) thread stays free for Ctrl-C and the deadline.
+    reader = threading.Thread(target=copy, daemon=True)
     reader.start()
     try:
         while stream.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise LaunchError(f"run {run_id} did not finish within {timeout:.0f} s")
+                raise LaunchError(f"run {run_id} did not finish in time")
             time.sleep(0.2)
         reader.join(timeout=5)
-        while not (status := run_status(link, run_id)).finished:
-            if deadline is not None and time.monotonic() > deadline:
-                raise LaunchError(f"run {run_id} did not finish within {timeout:.0f} s")
-            time.sleep(poll_s)
-        return status
     finally:
         if stream.poll() is None:
             _stop_group(stream, timeout=5)
-
-
-def _copy_lines(source: TextIO | None, out: TextIO) -> None:
-    if source is None:
-        return
-    for line in source:
-        out.write(line)
-        out.flush()
+    return max(skip, seen[0])
 
 
 def run_app(
@@ -876,7 +910,7 @@ def node_config_arg(node_config: Mapping[str, str]) -> str:
         if "'" not in value and "\n" not in value:
             parts.append(f"{key}='{value}'")
         elif '"' not in value and "\n" not in value:
-            parts.append(f"{key}={json.dumps(value)}")  # a JSON string is a TOML basic string
+            parts.append(f"{key}={json.dumps(value, ensure_ascii=False)}")  # a TOML basic string too
         else:
             raise ValueError(f"node config {key}: {value!r} cannot be passed to Flower (quotes or newline)")
     return " ".join(parts)
@@ -897,8 +931,8 @@ def _tcp_reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 def client_command(site: str, server: str, *, insecure: bool = False) -> str:
-    """The `aldm-fed client` command line a site runs to join (its own paths as placeholders)."""
-    args = ["aldm-fed", "client", "--site", site, "--data", f"<{site}'s cohort folder>", "--server", server]
+    """The `aldm-fed client` command line a site runs to join; COHORT_DIR stands for its data."""
+    args = ["aldm-fed", "client", "--site", site, "--data", "COHORT_DIR", "--server", server]
     args += ["--insecure"] if insecure else ["--ca", "ca.crt", "--key", f"{site}.key"]
     return shlex.join(args)
 
@@ -939,10 +973,10 @@ def run_server(
         FileNotFoundError: a certificate or key file is missing.
         LaunchError: a process could not be started or driven.
     """
-    from aldm_fed.config import flatten_config
+    from aldm_fed.config import absolute_paths, flatten_config
     from aldm_fed.federation.security import load_certificate_set
 
-    absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     state = Path(str(cfg.fed.state))
     sites = [str(s) for s in cfg.fed.sites] if cfg.fed.get("sites") else None
     tls, public_keys = None, {}
@@ -964,6 +998,8 @@ def run_server(
             public_keys = {site: public_keys[site] for site in sites}
         if not public_keys:
             raise ValueError(f"{Path(certs) / 'sites'}: no site public keys (*.pub) to register")
+        if sites is None:  # the registered sites are the federation (the server needs no cohort)
+            cfg.fed.sites = sorted(public_keys)
     if host not in ("127.0.0.1", "::1", "localhost"):
         echo(
             f"WARNING: the SuperLink listens on {host}:{port}. In Flower 1.42 its Control API"
@@ -978,8 +1014,9 @@ def run_server(
         for site, node_id in register_supernodes(link, public_keys).items():
             state_text = "registered" if node_id is not None else "already registered"
             echo(f"site {site}: key {public_keys[site]} {state_text}")
-        server = _join(_advertised_host(host, tls), port)
-        echo("each site joins with (give site S the files ca.crt and sites/S.key):")
+        server = _join(_advertised_host(host, tls, echo), port)
+        files = "" if insecure else "; give site S the files ca.crt and sites/S.key"
+        echo(f"each site joins with (COHORT_DIR: its case folders + manifests/{files}):")
         for site in sites or sorted(public_keys) or ["SITE"]:
             echo(f"  {client_command(site, server, insecure=insecure)}")
         if host in ("127.0.0.1", "::1", "localhost"):
@@ -991,10 +1028,10 @@ def run_server(
     return status
 
 
-def _advertised_host(host: str, tls: ServerTls | None) -> str:
-    """The name sites should use: the bound host, else the certificate's first non-loopback name."""
-    if host not in _LOOPBACK:
-        return host
+def _advertised_host(host: str, tls: ServerTls | None, echo: Callable[[str], None]) -> str:
+    """The name sites should connect by: the bound host, else the certificate's first
+    non-loopback name, else this machine's name; warns if the certificate does not cover it."""
+    names: list[str] = []
     if tls is not None:
         from cryptography import x509
 
@@ -1002,13 +1039,24 @@ def _advertised_host(host: str, tls: ServerTls | None) -> str:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
         names += san.get_values_for_type(x509.DNSName)
-        for name in names:
-            with contextlib.suppress(ValueError):
-                if ipaddress.ip_address(name).is_loopback:
-                    continue
-            if name != "localhost":
-                return name
-    return socket.getfqdn()
+    advertised = host
+    if host in _LOOPBACK:
+        remote = [name for name in names if name != "localhost" and not _is_loopback_ip(name)]
+        advertised = remote[0] if remote else socket.getfqdn()
+    if tls is not None and advertised not in names:
+        echo(
+            f"WARNING: {tls.cert} is valid for {', '.join(names)} only: sites connecting to"
+            f" {advertised} will fail TLS verification. Remake the certificates with"
+            f" `aldm-fed certs --host {advertised} ...`."
+        )
+    return advertised
+
+
+def _is_loopback_ip(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def run_client(
@@ -1022,6 +1070,7 @@ def run_client(
     insecure: bool = False,
     port: int | None = None,
     max_wait_s: float = 600.0,
+    join_wait_s: float = 600.0,
     echo: Callable[[str], None] = print,
 ) -> int:
     """`aldm-fed client`: run a site's SuperNode in the foreground until the server goes away.
@@ -1041,6 +1090,8 @@ def run_client(
         insecure: plaintext, for a server started with --insecure.
         port: the SuperNode's local Runtime API port (default: a free one).
         max_wait_s: how long the SuperLink may be unreachable (also at the start) before stopping.
+        join_wait_s: how long a SuperNode that stops before joining (e.g. the server has not
+            registered this site's key yet) is restarted.
         echo: where messages go.
 
     Returns:
@@ -1062,15 +1113,35 @@ def run_client(
     host, sep, port_text = server.rpartition(":")
     if not sep or not host or not port_text.isdigit():
         raise ValueError(f"--server {server!r}: expected HOST:PORT")
-    node = start_supernode(
-        server, site=site, data_path=data_path, state_path=state, ca_cert=ca_cert,
-        private_key=private_key, insecure=insecure, port=port,
-    )
+    def start() -> SuperNode:
+        return start_supernode(
+            server, site=site, data_path=data_path, state_path=state, ca_cert=ca_cert,
+            private_key=private_key, insecure=insecure, port=port,
+        )
+
+    node = start()
+    first_start = node_start = time.monotonic()
     echo(f"site {site}: SuperNode started for {server} (state: {Path(state).resolve()}); Ctrl-C stops it")
     reached = False
     last_seen = time.monotonic()
     try:
-        while (code := node.process.poll()) is None:
+        while True:
+            code = node.process.poll()
+            if code is not None:
+                node.stop()  # the SuperNode's own children
+                # Stopped right away (Flower exits 1 for every error): most often the server has
+                # not registered this site's key yet, as sites may start before the server. Keep
+                # knocking for join_wait_s; Flower's message above says what it was.
+                now = time.monotonic()
+                if code != 0 and now - node_start < _EARLY_EXIT_S and now - first_start < join_wait_s:
+                    echo(f"site {site}: the SuperNode stopped before joining (see above; e.g. this "
+                         f"site's key is not registered yet); retrying in {_RETRY_S:.0f} s, for up to "
+                         f"{join_wait_s:.0f} s")
+                    time.sleep(_RETRY_S)
+                    node, node_start = start(), time.monotonic()
+                    continue
+                echo(f"site {site}: SuperNode exited with code {code}")
+                return code
             if _tcp_reachable(server):
                 reached, last_seen = True, time.monotonic()
             elif time.monotonic() - last_seen > max_wait_s:
@@ -1081,9 +1152,6 @@ def run_client(
     except BaseException:
         node.stop()
         raise
-    node.stop()  # the SuperNode's own children
-    echo(f"site {site}: SuperNode exited with code {code}")
-    return code
 
 
 def site_files(certs: str | os.PathLike[str], site: str) -> tuple[Path, Path]:
