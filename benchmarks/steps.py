@@ -19,7 +19,6 @@ meant to be compared.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
