@@ -355,7 +355,7 @@ def simulate(overrides: Overrides = None, no_progress: NoProgress = False) -> No
     typer.echo(f"report: {status['report']}")
 
 
-# Mirrors aldm_fed.federation.launch.DEFAULT_PORT (tests check) without importing it at startup.
+# Mirrors aldm_fed.federation.superlink.DEFAULT_PORT (tests check) without importing it at startup.
 SERVER_PORT = 8000
 
 
@@ -381,7 +381,8 @@ def server(
 ) -> None:
     """Run the federation's server: start the SuperLink (TLS + SuperNode authentication), register
     the sites' keys, submit the run and stream it; exit 0 if the run completed, 1 if not."""
-    from aldm_fed.federation.launch import LaunchError, interrupt_on_sigterm, run_server
+    from aldm_fed.federation.launch import run_server
+    from aldm_fed.federation.processes import LaunchError, interrupt_on_sigterm
 
     cfg = _compose(overrides)
     try:
@@ -439,7 +440,8 @@ def client(
 ) -> None:
     """Join a federation as one site: run its SuperNode in the foreground until the server goes
     away (exit 0) or Ctrl-C."""
-    from aldm_fed.federation.launch import LaunchError, interrupt_on_sigterm, run_client, site_files
+    from aldm_fed.federation.launch import run_client, site_files
+    from aldm_fed.federation.processes import LaunchError, interrupt_on_sigterm
 
     if insecure and (certs_dir or ca or key):
         _fail("--insecure takes no certificates or keys (SuperNode authentication needs TLS)")

@@ -7,6 +7,9 @@
   tested on held-out real cases only.
 - `site`: every regime on one site's own cases from a composed config (`evaluate_site`, what
   `aldm-fed evaluate` and a federated site call); `SiteEvaluation.metrics()` is what may be shared.
+- `faithfulness`: a MONAI tumour segmenter trained on real target cases; its Dice on synthetic
+  volumes against their conditioning masks beside its Dice on real test cases
+  (`faithfulness_metrics` gives the shareable numbers).
 - `report`: `report.{md,csv,json}` from the metrics of one or many sites (`write_report`).
 """
 

@@ -1,6 +1,7 @@
 """Networks: thin, validating factories over MONAI (`AutoencoderKL`, `DiffusionModelUNet`,
-`ControlNet`). Each factory takes one Hydra config group (a mapping) and raises a `ValueError`
-naming the offending key."""
+`ControlNet`; the evaluation's classifier and segmenter in `classifier.py`, `segmenter.py`).
+Each factory takes one Hydra config group (a mapping) and raises a `ValueError` naming the
+offending key."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from aldm_fed.config import compose
 from aldm_fed.data.phantom import PhantomConfig, make_cohort
 from aldm_fed.federation.apps import OUTGOING_LOG
 from aldm_fed.federation.global_models import initial_weights
-from aldm_fed.federation.launch import free_port
+from aldm_fed.federation.processes import free_port
 from aldm_fed.federation.security import make_certificates
 
 pytestmark = pytest.mark.slow

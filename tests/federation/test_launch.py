@@ -25,8 +25,21 @@ from omegaconf import OmegaConf
 
 from aldm_fed import cli
 from aldm_fed.config import absolute_paths, compose, flatten_config, unflatten_config
-from aldm_fed.federation import launch
+from aldm_fed.federation.app_bundle import app_source_dir, stage_app
+from aldm_fed.federation.launch import run_server
+from aldm_fed.federation.processes import LaunchError, free_port
 from aldm_fed.federation.security import make_certificates
+from aldm_fed.federation.superlink import (
+    CONNECTION,
+    DEFAULT_PORT,
+    ServerTls,
+    SuperLink,
+    register_supernodes,
+    run_status,
+    start_superlink,
+    submit_run,
+)
+from aldm_fed.federation.supernode import SuperNode, node_config_arg, start_supernode
 
 # Flower's bundler builds its file filter with a pathspec API that pathspec has deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec.*")
@@ -125,7 +138,7 @@ def test_staged_app_gives_flower_exactly_the_run_config(tmp_path, toy_app):
     run_config = flatten_config(cfg)
     run_config["odd.value"] = 'a "quoted" \\ back\\slash\nline'  # TOML escaping survives too
 
-    app_dir = launch.stage_app(tmp_path / "state" / "app", run_config, source=toy_app)
+    app_dir = stage_app(tmp_path / "state" / "app", run_config, source=toy_app)
 
     # Flower's own bundler and the function its runtime uses to build `context.run_config`.
     fab = build_fab_from_disk(app_dir)
@@ -139,7 +152,7 @@ def test_staged_app_gives_flower_exactly_the_run_config(tmp_path, toy_app):
     assert OmegaConf.to_container(unflatten_config(seen)) == OmegaConf.to_container(cfg, resolve=True)
 
     # Staging again replaces our folder; a folder that is not ours is never deleted.
-    launch.stage_app(app_dir, {"a.b": 1}, source=toy_app)
+    stage_app(app_dir, {"a.b": 1}, source=toy_app)
     assert get_fused_config_from_fab(build_fab_from_disk(app_dir), types.SimpleNamespace(override_config={})) == {
         "a.b": 1
     }
@@ -147,29 +160,29 @@ def test_staged_app_gives_flower_exactly_the_run_config(tmp_path, toy_app):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
     with pytest.raises(ValueError, match="not an app folder staged by aldm-fed"):
-        launch.stage_app(foreign, {}, source=toy_app)
+        stage_app(foreign, {}, source=toy_app)
     assert (foreign / "notes.txt").read_text() == "keep"
     with pytest.raises(ValueError, match="64-bit"):
-        launch.stage_app(tmp_path / "x", {"big": 2**63}, source=toy_app)
+        stage_app(tmp_path / "x", {"big": 2**63}, source=toy_app)
     (tmp_path / "half" / "server").mkdir(parents=True)
     (tmp_path / "half" / "server" / "app.py").write_text("")
     with pytest.raises(FileNotFoundError, match="client/app.py"):
-        launch.stage_app(tmp_path / "y", {}, source=tmp_path / "half")
+        stage_app(tmp_path / "y", {}, source=tmp_path / "half")
 
 
 def test_node_config_round_trips_through_flowers_parser():
     config = {"site": "A", "data-path": "/data/my cohort\\x", "state-path": "/st/it's here"}
-    assert parse_config_args([launch.node_config_arg(config)]) == config
+    assert parse_config_args([node_config_arg(config)]) == config
     with pytest.raises(ValueError, match="cannot be passed"):
-        launch.node_config_arg({"site": "both ' and \" quotes"})
+        node_config_arg({"site": "both ' and \" quotes"})
 
 
-def test_cli_port_default_mirrors_launch():
-    assert cli.SERVER_PORT == launch.DEFAULT_PORT
+def test_cli_port_default_mirrors_superlink():
+    assert cli.SERVER_PORT == DEFAULT_PORT
 
 
 def test_the_checkouts_app_is_found():
-    root = launch.app_source_dir()
+    root = app_source_dir()
     assert (root / "server" / "app.py").is_file() and (root / "client" / "app.py").is_file()
 
 
@@ -214,12 +227,12 @@ def test_busy_port_and_missing_binary_are_named(tmp_path, monkeypatch):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(launch.LaunchError, match=f"port {port} on 127.0.0.1 is not available"):
-            launch.start_superlink(tmp_path, port=port, tls=None, node_auth=False)
+        with pytest.raises(LaunchError, match=f"port {port} on 127.0.0.1 is not available"):
+            start_superlink(tmp_path, port=port, tls=None, node_auth=False)
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(launch.LaunchError, match="`flower-superlink` was not found on PATH"):
-        launch.start_superlink(tmp_path, port=launch.free_port(), tls=None, node_auth=False)
+    with pytest.raises(LaunchError, match="`flower-superlink` was not found on PATH"):
+        start_superlink(tmp_path, port=free_port(), tls=None, node_auth=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,11 +245,11 @@ def test_federation_runs_with_tls_and_node_auth(tmp_path, toy_app):
     certs = make_certificates(tmp_path / "certs", ["A", "B"])
     cfg = compose(["fed.sites=[A,B]", f"paths.runs={tmp_path}/runs"])
     data = {site: site_data(tmp_path / f"cohort{site}", site) for site in "AB"}
-    started: dict[str, launch.SuperNode | subprocess.Popen[str]] = {}
+    started: dict[str, SuperNode | subprocess.Popen[str]] = {}
 
-    def start_sites(link: launch.SuperLink) -> None:
+    def start_sites(link: SuperLink) -> None:
         # Site A through the library, site B through the command a hospital runs.
-        started["A"] = launch.start_supernode(
+        started["A"] = start_supernode(
             link.address, site="A", data_path=data["A"], state_path=tmp_path / "stateA",
             ca_cert=certs.ca_cert, private_key=certs.site_keys["A"].private, log_path=tmp_path / "A.log",
         )
@@ -249,8 +262,8 @@ def test_federation_runs_with_tls_and_node_auth(tmp_path, toy_app):
 
     log, messages = io.StringIO(), []
     try:
-        status = launch.run_server(
-            cfg, certs=certs.root, port=launch.free_port(), app_source=toy_app, on_ready=start_sites,
+        status = run_server(
+            cfg, certs=certs.root, port=free_port(), app_source=toy_app, on_ready=start_sites,
             echo=messages.append, out=log,
         )
         assert status.ok, (status, log.getvalue(), (tmp_path / "runs/federation/superlink.log").read_text())
@@ -285,32 +298,32 @@ def test_federation_runs_with_tls_and_node_auth(tmp_path, toy_app):
 @pytest.mark.slow
 def test_superlink_refuses_strangers_and_stops_cleanly_mid_run(tmp_path, toy_app):
     certs = make_certificates(tmp_path / "certs", ["A", "C"])
-    tls = launch.ServerTls(certs.ca_cert, certs.server_cert, certs.server_key)
+    tls = ServerTls(certs.ca_cert, certs.server_cert, certs.server_key)
     data = site_data(tmp_path / "cohort", "C")
-    link = launch.start_superlink(tmp_path / "server", port=launch.free_port(), tls=tls)
+    link = start_superlink(tmp_path / "server", port=free_port(), tls=tls)
     try:
-        assert launch.register_supernodes(link, {"A": certs.site_keys["A"].public})["A"] is not None
-        assert launch.register_supernodes(link, {"A": certs.site_keys["A"].public}) == {"A": None}
-        unregistered = launch.start_supernode(
+        assert register_supernodes(link, {"A": certs.site_keys["A"].public})["A"] is not None
+        assert register_supernodes(link, {"A": certs.site_keys["A"].public}) == {"A": None}
+        unregistered = start_supernode(
             link.address, site="C", data_path=data, state_path=tmp_path / "C", ca_cert=certs.ca_cert,
             private_key=certs.site_keys["C"].private, max_wait_s=5, log_path=tmp_path / "C.log",
         )
-        plaintext = launch.start_supernode(
+        plaintext = start_supernode(
             link.address, site="C", data_path=data, state_path=tmp_path / "P", insecure=True,
             max_wait_s=3, log_path=tmp_path / "P.log",
         )
         # Meanwhile a run that waits for a site that never comes.
-        app_dir = launch.stage_app(
+        app_dir = stage_app(
             tmp_path / "app", {"fed.sites": 'json:["A"]', "fed.state": str(tmp_path)}, source=toy_app
         )
-        run_id = launch.submit_run(link, app_dir)
+        run_id = submit_run(link, app_dir)
         with unregistered, plaintext:
             assert unregistered.wait(timeout=60) != 0
             assert plaintext.wait(timeout=60) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "C.log").read_text()
-        nodes = link.flwr_json("supernode", "ls", launch.CONNECTION)["nodes"]
+        nodes = link.flwr_json("supernode", "ls", CONNECTION)["nodes"]
         assert [n["status"] for n in nodes] == ["registered"]  # A's key only; nobody came online
-        assert launch.run_status(link, run_id).status == "running"
+        assert run_status(link, run_id).status == "running"
     finally:
         link.stop()
     # Stopping the SuperLink mid-run took its SuperExec and ServerApp (another session) with it.
