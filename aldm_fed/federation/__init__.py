@@ -1,1 +1,2 @@
-"""Federation on Flower: the phase plan, what may leave a site, the phased strategy, site work, security and launch."""
+"""Federation on Flower: the coordinator's phases, what may leave a site (sharing), the phased
+FedAvg strategy, the site's work, global models on disk, security and the process launchers."""
