@@ -431,7 +431,7 @@ def client(
     ] = None,
     max_wait: Annotated[
         float, typer.Option("--max-wait", help="Stop once the server has been unreachable this many seconds.")
-    ] = 600.0,
+    ] = 120.0,
     join_wait: Annotated[
         float,
         typer.Option("--join-wait", help="Keep retrying this many seconds while the server refuses to let"

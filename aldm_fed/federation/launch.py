@@ -185,7 +185,7 @@ def run_client(
     private_key: str | os.PathLike[str] | None = None,
     insecure: bool = False,
     port: int | None = None,
-    max_wait_s: float = 600.0,
+    max_wait_s: float = 120.0,
     join_wait_s: float = 600.0,
     echo: Callable[[str], None] = print,
 ) -> int:
