@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,21 @@ def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True) -> di
     status_path = Path(cfg.fed.state) / STATUS_FILE
     status_path.unlink(missing_ok=True)
     log.info("simulating sites %s (%s CPU each); state in %s", list(cfg.fed.sites), cpus, cfg.fed.state)
-    run_simulation(
-        server_app=server_app(cfg),
-        client_app=client_app(cfg, mods=mods),
-        num_supernodes=len(cfg.fed.sites),
-        backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
-    )
+    # Flower's Ray backend writes this process's sys.path into os.environ["PYTHONPATH"] for its
+    # actors and leaves it there; every later child process of ours would inherit it.
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(
+            server_app=server_app(cfg),
+            client_app=client_app(cfg, mods=mods),
+            num_supernodes=len(cfg.fed.sites),
+            backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}},
+        )
+    finally:
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     try:
         status = json.loads(status_path.read_text())
     except (OSError, json.JSONDecodeError):

@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real processes (the simulation in a subprocess)
+
 ARGS = [
     "experiment=tiny", "device=cpu", "fed.sites=[A,B]",
     "fed.phases.vae.rounds=3", "fed.phases.vae.local_steps=2",

@@ -11,6 +11,7 @@ resumes (nothing is retrained).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from aldm_fed.federation.apps import OUTGOING_LOG
 from aldm_fed.federation.global_models import initial_weights
 from aldm_fed.federation.sharing import ALLOW_LIST
 from aldm_fed.federation.simulation import simulate
+
+pytestmark = pytest.mark.slow  # Flower's simulation engine (Ray)
 
 TINY_FED = [
     "experiment=tiny", "device=cpu",
@@ -41,11 +44,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("fed")
     cfg = compose([*TINY_FED, f"paths.cohort={root / 'cohort'}", f"paths.runs={root / 'runs'}"])
     make_cohort(root / "cohort", PhantomConfig.from_mapping(cfg.phantom), seed=0, progress=False)
+    pythonpath = os.environ.get("PYTHONPATH")
     status = simulate(cfg, progress=False)
-    return {"root": root, "cfg": cfg, "status": status, "runs": root / "runs", "state": root / "runs" / "federation"}
+    return {"pythonpath": pythonpath, "root": root, "cfg": cfg, "status": status, "runs": root / "runs", "state": root / "runs" / "federation"}
 
 
 def test_run_completes_and_writes_the_report(run: dict[str, Any]) -> None:
+    # Flower's Ray backend sets PYTHONPATH for its actors; simulate puts it back.
+    assert run["pythonpath"] == os.environ.get("PYTHONPATH")
     status = run["status"]
     assert status["status"] == "done" and status["sites"] == ["A", "B", "C"]
     report = Path(status["report"]).read_text()
