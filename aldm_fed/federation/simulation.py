@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True) -> dict[str, Any]:
     """Run the federated pipeline with every site simulated on this machine.
 
-    Makes the phantom cohort at `paths.cohort` first when there is none (`phantom` config group).
+    Makes the phantom cohort at `paths.cohort` first when that folder is missing or empty
+    (`phantom` config group).
 
     Args:
         cfg: the composed config.
@@ -47,6 +48,15 @@ def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True) -> di
     cohort = Path(cfg.paths.cohort)
     if not (cohort / "manifests").is_dir():
         from aldm_fed.data.phantom import PhantomConfig, make_cohort
+
+        # Never write a phantom into someone's data folder: only into a missing or empty one, or
+        # one holding nothing but what an interrupted phantom run writes (it resumes).
+        phantom_names = {*map(str, cfg.phantom.sites), "labels.csv", "cohort.json", "previews"}
+        if cohort.is_dir() and any(p.name not in phantom_names for p in cohort.iterdir()):
+            raise ValueError(
+                f"{cohort}: no manifests/ folder; make one per site with `aldm-fed data manifest`, or "
+                f"point paths.cohort at an empty folder for the embedded phantom cohort"
+            )
 
         log.info("no cohort at %s: making the embedded phantom cohort there", cohort)
         make_cohort(cohort, PhantomConfig.from_mapping(cfg.phantom), seed=int(cfg.seed), progress=progress)

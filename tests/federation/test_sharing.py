@@ -77,3 +77,4 @@ def test_server_side_checks_against_the_global_shapes() -> None:
         check_reply("vae", RecordDict({"arrays": bad, "metrics": MetricRecord({"num-examples": 1})}), expected)
     with pytest.raises(SharingError, match="metrics"):
         check_reply("vae", RecordDict({"arrays": weights("vae"), "config": ConfigRecord({"a": "b"})}))
+
