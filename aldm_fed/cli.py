@@ -45,6 +45,30 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _refuse_foreign_folder(out: Path, *, made_by: str, markers: tuple[str, ...], flag: str = "--force") -> None:
+    """Stop unless `out` is absent, empty, or holds what an earlier run of this command wrote.
+
+    Why: these commands resume into their output folder and rewrite their summary files there
+    (labels.csv, ...); pointed at a folder of other files by mistake they would replace some.
+
+    Args:
+        out: the output folder.
+        made_by: the command, for the message.
+        markers: glob patterns of which any one match shows an earlier run's output.
+        flag: the option that allows writing anyway.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        _fail(f"{out}: is a file, a folder is expected here")
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if not entries or any(next(out.glob(pattern), None) is not None for pattern in markers):
+        return
+    _fail(f"{out}: folder holds other files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}) and"
+          f" nothing `{made_by}` wrote; choose a new or empty folder, or pass {flag} to write into it"
+          " (files of the same name are replaced)")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"aldm-fed {__version__}")
@@ -73,10 +97,15 @@ def data_phantom(
     out: Annotated[Path, typer.Option("--out", help="Folder for the cohort (resumes if present).")],
     overrides: Overrides = None,
     no_progress: NoProgress = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into a non-empty folder that holds no phantom cohort.")
+    ] = False,
 ) -> None:
     """Make the embedded multi-site phantom glioma cohort (no download)."""
     from aldm_fed.data.phantom import PhantomConfig, make_cohort
 
+    if not force:  # a cohort (even one cut short) has cohort.json or PH-* case folders
+        _refuse_foreign_folder(out, made_by="aldm-fed data phantom", markers=("cohort.json", "*/PH-*"))
     cfg = _compose(overrides)
     summary = make_cohort(
         out, PhantomConfig.from_mapping(cfg.phantom), seed=int(cfg.seed), progress=not no_progress
@@ -119,6 +148,9 @@ def data_prepare(
     out: Annotated[Path, typer.Option("--out", help="Cache folder (resumes if present).")],
     overrides: Overrides = None,
     no_progress: NoProgress = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into a non-empty --out folder that holds no cache.")
+    ] = False,
 ) -> None:
     """Preprocess every case once into the training cache (RAS, clip/scale, crop, cube)."""
     from aldm_fed.data.preprocess import prepare_dataset
@@ -128,6 +160,15 @@ def data_prepare(
     cfg = _compose(overrides)
     if not root.is_dir():
         _fail(f"{root}: not a folder")
+    if not force:  # a cache (even one cut short) has index.json or case folders with meta.json
+        _refuse_foreign_folder(out, made_by="aldm-fed data prepare", markers=("index.json", "*/meta.json"))
+        if (out / "index.json").is_file():
+            from aldm_fed.data.cache import read_index
+
+            try:
+                read_index(out)
+            except ValueError as exc:  # another tool's index.json: prepare would replace it
+                _fail(f"{exc}; not an aldm-fed cache: choose a new or empty folder, or pass --force")
     if not find_cases(root, str(cfg.data.scheme)):
         _fail(f"{root}: no BraTS-style case folders found (see `aldm-fed data check {root}`)")
     summary = prepare_dataset(root, out, cfg.data, progress=not no_progress)
@@ -161,6 +202,7 @@ def data_manifest(
     ] = None,
     label_column: Annotated[str, typer.Option(help="Column to stratify splits by.")] = "grade",
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing manifest file.")] = False,
 ) -> None:
     """Write a site manifest with deterministic, label-stratified source/target/test splits."""
     import os
@@ -169,6 +211,10 @@ def data_manifest(
     from aldm_fed.data.case_labels import read_case_labels
     from aldm_fed.data.manifest import make_manifest, write_manifest
 
+    if out.is_dir():
+        _fail(f"{out}: is a folder; --out names the manifest file to write (e.g. {out / (site + '.json')})")
+    if out.exists() and not force:  # new splits would silently change which patients are test patients
+        _fail(f"{out}: exists; pass --force to replace it")
     case_ids = [c.case_id for c in find_cases(root)]
     if not case_ids:
         _fail(f"{root}: no BraTS-style case folders found")
@@ -201,7 +247,7 @@ def data_manifest(
 
 
 # Mirrors aldm_fed.training.artifacts.STAGES (tests/test_cli.py checks) without importing torch at startup.
-STAGES = ("vae", "scale", "backbone", "controlnet")
+STAGES = ("vae", "scale", "backbone", "controlnet", "gan")
 
 
 @app.command("train")
@@ -210,7 +256,7 @@ def train(
     overrides: Overrides = None,
     site: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--site", help="Site to adapt (controlnet); same as the override site=X."),
+        typer.Option("--site", help="Site to adapt (controlnet, gan); same as the override site=X."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Start the stage afresh instead of resuming.")
@@ -220,6 +266,7 @@ def train(
     """Train one stage of the generative core (resumes from its last checkpoint).
 
     Order: vae -> scale -> backbone (on the source sites) -> controlnet (per site, --site X).
+    gan: the pix2pix GAN baseline on a site's K target cases (per site, --site X; needs no other stage).
     """
     from aldm_fed.training.stages import run_stage
 
@@ -242,10 +289,15 @@ def synthesize(
         typer.Option("--out", help="Output folder (default: paths.synthesis); resumes if present."),
     ] = None,
     no_progress: NoProgress = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Write into a non-empty --out folder that holds no synthesis output.")
+    ] = False,
 ) -> None:
     """Synthesize BraTS-style volumes from augmented tumour masks of a site's few-shot cases."""
     from aldm_fed.synthesis import synthesize_site
 
+    if out is not None and not force:  # earlier output: synthesis.json, or sample folders with record.json
+        _refuse_foreign_folder(out, made_by="aldm-fed synthesize", markers=("synthesis.json", "*/record.json"))
     cfg = _compose([*(overrides or []), *([f"site={site}"] if site else [])])
     summary = synthesize_site(cfg, out=out, progress=not no_progress)
     site_name = str(cfg.site)
@@ -264,7 +316,8 @@ def evaluate(
         typer.Option("--out", help="Report folder (default: <paths.runs>/sites/<site>/classifier)."),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Retrain classifier runs whose folder holds another config.")
+        bool, typer.Option("--overwrite", help="Retrain classifier runs whose folder holds another config,"
+                           " and replace a report already in --out.")
     ] = False,
     no_progress: NoProgress = False,
 ) -> None:
@@ -276,6 +329,12 @@ def evaluate(
     from aldm_fed.evaluation.report import config_summary, write_report
     from aldm_fed.evaluation.site import evaluate_site
 
+    if out is not None:  # checked before hours of training, not after
+        if out.exists() and not out.is_dir():
+            _fail(f"{out}: is a file, a folder is expected here")
+        old = sorted(p.name for p in out.glob("report.*")) if out.is_dir() else []
+        if old and not overwrite:
+            _fail(f"{out}: holds a report already ({', '.join(old)}); choose another --out or pass --overwrite")
     cfg = _compose([*(overrides or []), *([f"site={site}"] if site else [])])
     result = evaluate_site(cfg, progress=not no_progress, overwrite=overwrite)
     context = {**config_summary(cfg), "site": result.site, "runs": str(result.run_dir)}
@@ -293,7 +352,62 @@ def evaluate(
                    f"{row['n_train_cases_syn']} synthetic training cases)")
     for note in result.notes:
         typer.echo(f"  note: {note}")
-    typer.echo(f"  table: {paths['md']} (also {paths['csv'].name}, {paths['json'].name})")
+    typer.echo(f"  report: {paths['html']} (open in a browser; also {paths['md'].name}, {paths['csv'].name}, "
+               f"{paths['json'].name})")
+
+
+@app.command("compare")
+def compare(
+    overrides: Overrides = None,
+    sites: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--sites", help="Target sites: --sites B C, --sites B,C or --sites B --sites C."),
+    ] = None,
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--out", help="Report folder (default: <paths.runs>/compare)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Retrain classifier runs whose folder holds another config.")
+    ] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Compare ALDM with its baselines and the domain shift at several sites, in ONE report.
+
+    Runs what is missing (cohort, vae/scale/backbone, each site's ControlNet, ALDM synthesis, the
+    baseline sets of baselines.enabled: noadapt, concat, gan), then every classifier regime,
+    real_syn_<b>/syn_only_<b> per baseline and shift_from_<X> per other site, and writes
+    report.{md,csv,json,html}. Takes baselines=compare (all three baselines) unless an override
+    names baselines; resumable. Single machine only: domain shift reads every site's data.
+    Example: aldm-fed compare experiment=demo --sites B C
+    """
+    import re
+
+    from aldm_fed.evaluation.compare import compare as run_compare
+
+    # Click options take one value each, so `--sites B C` leaves C among the overrides: a bare
+    # name (no `=`, `~` or `+`) there is a site.
+    bare = [o for o in overrides or [] if re.fullmatch(r"[A-Za-z0-9_-]+", o)]
+    names = [n for v in [*(sites or []), *bare] for n in v.replace(",", " ").split()]
+    rest = [o for o in overrides or [] if o not in bare]
+    if not names:
+        _fail("which sites? pass --sites B C (the target sites to compare)")
+    chosen = any(o.lstrip("+~").split("=")[0].split(".")[0] == "baselines" for o in rest)
+    cfg = _compose([*([] if chosen else ["baselines=compare"]), *rest])
+    try:
+        result = run_compare(cfg, names, out=out, progress=not no_progress, overwrite=overwrite, echo=typer.echo)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), code=1)
+    for site, evaluation in result.evaluations.items():
+        typer.echo(f"site {site}: {evaluation.n_test_cases} held-out real test cases")
+        for row in evaluation.rows:
+            if row["status"] != "ok":
+                typer.echo(f"  {row['regime']}: skipped ({row['reason']})")
+                continue
+            typer.echo(f"  {row['regime']}: AUC {row['auc_mean']:.3f} [{row['auc_ci_low']:.3f}, "
+                       f"{row['auc_ci_high']:.3f}]")
+    typer.echo(f"report: {result.report['md']} (also {result.report['html'].name}, {result.report['csv'].name}, "
+               f"{result.report['json'].name})")
 
 
 @app.command("certs")
@@ -418,6 +532,11 @@ def client(
         Optional[Path],  # noqa: UP045
         typer.Option("--key", help="This site's SuperNode private key (instead of --certs)."),
     ] = None,
+    signing_pub: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--signing-pub", help="The server's model-signing public key (default with --certs:"
+                     " DIR/signing.pub); global models it did not sign are refused."),
+    ] = None,
     state: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option("--state", help="The site's state folder (default: ./aldm-fed-state/<site>)."),
@@ -440,7 +559,7 @@ def client(
 ) -> None:
     """Join a federation as one site: run its SuperNode in the foreground until the server goes
     away (exit 0) or Ctrl-C."""
-    from aldm_fed.federation.launch import run_client, site_files
+    from aldm_fed.federation.launch import run_client, signing_pub_file, site_files
     from aldm_fed.federation.processes import LaunchError, interrupt_on_sigterm
 
     if insecure and (certs_dir or ca or key):
@@ -449,13 +568,15 @@ def client(
         _fail("give either --certs DIR or --ca FILE --key FILE, not both")
     if certs_dir is not None:
         ca, key = site_files(certs_dir, site)
+        signing_pub = signing_pub or signing_pub_file(certs_dir)
     elif not insecure and (ca is None or key is None):
         _fail("TLS needs --ca FILE and --key FILE (or --certs DIR); --insecure only for an --insecure server")
     try:
         with interrupt_on_sigterm():
             code = run_client(
                 site=site, data=data, server=server_address, state=state or Path("aldm-fed-state") / site,
-                ca_cert=ca, private_key=key, insecure=insecure, port=port, max_wait_s=max_wait, join_wait_s=join_wait,
+                ca_cert=ca, private_key=key, insecure=insecure, signing_pub=signing_pub, port=port,
+                max_wait_s=max_wait, join_wait_s=join_wait,
                 echo=typer.echo,
             )
     except LaunchError as exc:
@@ -482,9 +603,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="aldm-fed", standalone_mode=True)
     except (ValueError, KeyError, OSError) as exc:
-        # OSError covers missing files, folders given for files, full disks: name the file.
-        name = getattr(exc, "filename", None)
-        message = str(exc) if not name or str(name) in str(exc) else f"{name}: {exc.strerror or exc}"
+        # OSError covers missing files, folders given for files, full disks: name the file. For a
+        # rename (atomic writes) the user's path is the destination, filename2, not the temporary file.
+        name = getattr(exc, "filename2", None) or getattr(exc, "filename", None)
+        if isinstance(exc, FileExistsError | NotADirectoryError) and name and Path(name).is_file():
+            message = f"{name}: is a file, a folder is expected here"
+        elif isinstance(exc, OSError) and name and exc.strerror:
+            message = f"{name}: {exc.strerror}"
+        else:
+            message = str(exc) if not name or str(name) in str(exc) else f"{name}: {exc}"
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 

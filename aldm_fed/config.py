@@ -11,7 +11,9 @@ server and every site of a federated run rebuild the same config from it.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,11 +60,108 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ValueError(f"bad config override(s) {list(overrides)}: {exc}") from None
+        # One line: the CLI prints it as is; Hydra's search-path listing helps no user.
+        detail = str(exc).split("\nConfig search path")[0]
+        detail = "; ".join(line.strip() for line in detail.splitlines() if line.strip())
+        if any(" " in o.partition("=")[2] and "'" not in o and '"' not in o for o in overrides):
+            detail += " (quote a value that holds spaces: key='a b')"
+        raise ValueError(f"bad config override(s) {list(overrides)}: {detail}") from None
     finally:
         GlobalHydra.instance().clear()
+    _check_override_types(overrides, config_name)
+    try:  # an interpolation that resolves nowhere (key=${nope}) fails here, not deep inside a run
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        where = getattr(exc, "full_key", None)
+        raise ValueError(f"bad config override(s) {list(overrides)}: {str(exc).splitlines()[0]}"
+                         + (f" (while resolving {where})" if where else "")) from None
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _check_override_types(overrides: Sequence[str], config_name: str) -> None:
+    """Refuse a value override whose type does not fit the option's default.
+
+    Why: the configs are plain YAML, so Hydra accepts `data.size=abc` or `train.vae.max_steps=-5`
+    and the run fails much later, far from the option. The default is the value the option has
+    with the same config-group choices (`experiment=tiny`, ...) but without value overrides.
+
+    Raises:
+        ValueError: naming the option, the value given and what it must be.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    groups, values = [], []
+    for o, text in zip(parsed, overrides, strict=True):
+        is_group = o.package is not None or (config_dir() / o.key_or_group).is_dir()
+        (groups if is_group else values).append((o, text))
+    if not values:
+        return
+    defaults = _defaults(tuple(text for _, text in groups), config_name)
+    for o, text in values:
+        if o.is_delete() or o.is_add() or o.is_sweep_override() or o.key_or_group not in defaults:
+            continue  # new keys and deletions have no default; mappings are left to Hydra
+        value = o.value()
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: its type is known only once resolved
+        problem = _type_problem(defaults[o.key_or_group], value)
+        if problem:
+            raise ValueError(f"config option {o.key_or_group}: {problem}, got {value!r} (from override {text!r}; "
+                             f"default {defaults[o.key_or_group]!r})")
+
+
+@functools.lru_cache(maxsize=16)
+def _defaults(group_overrides: tuple[str, ...], config_name: str) -> dict[str, Any]:
+    """Dotted key -> default leaf value (unresolved) for these config-group choices."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(group_overrides))
+    finally:
+        GlobalHydra.instance().clear()
+    out: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                visit(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    visit(OmegaConf.to_container(cfg, resolve=False), "")
+    return out
+
+
+def _type_problem(default: Any, value: Any) -> str | None:
+    """What is wrong with `value` for an option whose default is `default` (None: nothing)."""
+    if default is None or (isinstance(default, str) and "${" in default):
+        return None  # no type to go by
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, int | float):
+        whole = isinstance(default, int)
+        if value is None:
+            return None if not whole else "must be an integer (null is not allowed)"
+        if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+            return "must be an integer" if whole else "must be a number"
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if default >= 0 and value < 0:
+            return "must be >= 0"
+        return None
+    if isinstance(default, list):
+        numbers = bool(default) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in default)
+        if value is None or isinstance(value, list) or (numbers and isinstance(value, int | float)):
+            return None  # a number for a list of numbers: e.g. data.spacing=2 (the same on every axis)
+        return "must be a list, e.g. [a,b]"
+    if isinstance(default, str):
+        return None if value is None or isinstance(value, str | int | float) else "must be a single value"
+    return None
 
 
 def flatten_config(cfg: Any) -> dict[str, RunConfigValue]:

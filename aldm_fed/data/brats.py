@@ -195,10 +195,13 @@ def resolve_modalities(modalities: Iterable[str] | None) -> tuple[str, ...]:
         return MODALITIES
     if isinstance(modalities, str):
         modalities = [modalities]
+    if not isinstance(modalities, Iterable) or isinstance(modalities, Mapping):
+        # a config value: ValueError, like every other bad data.* option (the CLI turns it into one line)
+        raise ValueError(f"data.modalities must be a list of modality names, got {modalities!r}")  # noqa: TRY004
     mods = tuple(str(m).lower() for m in modalities)
     bad = [m for m in mods if m not in MODALITIES]
     if bad:
-        raise ValueError(f"unknown modality name(s) {bad}; expected canonical names from {MODALITIES}")
+        raise ValueError(f"data.modalities: unknown modality name(s) {bad}; expected canonical names from {MODALITIES}")
     if not mods:
         raise ValueError("data.modalities is empty; pick at least one of t1, t1c, t2, flair")
     if len(set(mods)) != len(mods):
@@ -643,6 +646,25 @@ def load_case(
 # --------------------------------------------------------------------------------------------
 
 _CROPS = ("brain", "tumour", "none")
+
+
+def _number(name: str, value: object, shown: object = None, *, whole: bool = False) -> float:
+    """`value` as a finite number (a whole one when `whole`), else a ValueError naming data.<name>.
+
+    Args:
+        name: the option below `data.`.
+        value: what the config holds.
+        shown: what to quote in the message (the whole option when `value` is one element of it).
+        whole: require an integer value.
+    """
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if isinstance(value, bool) or not np.isfinite(number) or (whole and number != round(number)):
+        what = "an integer" if whole else "a finite number"
+        raise ValueError(f"data.{name} must be {what}, got {value if shown is None else shown!r}")
+    return int(number) if whole else number
 _FITS = ("resize", "pad")
 
 
@@ -674,12 +696,14 @@ class DataConfig:
             get_scheme(self.scheme)
         set_("modalities", resolve_modalities(self.modalities))
         if self.spacing is not None:
-            sp = [self.spacing] * 3 if isinstance(self.spacing, (int, float)) else list(self.spacing)
-            if len(sp) != 3 or not all(float(s) > 0 for s in sp):
+            sp = list(self.spacing) if isinstance(self.spacing, Sequence) and not isinstance(self.spacing, str) \
+                else [self.spacing] * 3
+            if len(sp) != 3 or not all(_number("spacing", s, self.spacing) > 0 for s in sp):
                 raise ValueError(f"data.spacing must be null or three positive mm values, got {self.spacing!r}")
             set_("spacing", tuple(float(s) for s in sp))
-        clip = list(self.clip) if self.clip is not None else [0.0, 100.0]
-        if len(clip) != 2 or not 0 <= float(clip[0]) < float(clip[1]) <= 100:
+        clip = self.clip if self.clip is not None else [0.0, 100.0]
+        if (not isinstance(clip, Sequence) or isinstance(clip, str) or len(clip) != 2
+                or not 0 <= _number("clip", clip[0], clip) < _number("clip", clip[1], clip) <= 100):
             raise ValueError("data.clip must be [lower, upper] percentiles with 0 <= lower < upper <= 100, "
                              f"got {self.clip!r}")
         set_("clip", (float(clip[0]), float(clip[1])))
@@ -690,13 +714,15 @@ class DataConfig:
         if str(self.fit).lower() not in _FITS:
             raise ValueError(f"data.fit must be one of {_FITS}, got {self.fit!r}")
         set_("fit", str(self.fit).lower())
-        if int(self.size) < 2 or int(self.size) != self.size:
+        size = _number("size", self.size, whole=True)
+        if size < 2:
             raise ValueError(f"data.size must be an integer >= 2, got {self.size!r}")
-        set_("size", int(self.size))
-        if int(self.margin) < 0:
+        set_("size", size)
+        if _number("margin", self.margin, whole=True) < 0:
             raise ValueError(f"data.margin must be >= 0 voxels, got {self.margin!r}")
         set_("margin", int(self.margin))
-        if float(self.affine_tol) < 0 or not 0 <= float(self.mask_outside_tol) <= 1:
+        if (_number("affine_tol", self.affine_tol) < 0
+                or not 0 <= _number("mask_outside_tol", self.mask_outside_tol) <= 1):
             raise ValueError("data.affine_tol must be >= 0 and data.mask_outside_tol within [0, 1]")
         set_("affine_tol", float(self.affine_tol))
         set_("mask_outside_tol", float(self.mask_outside_tol))

@@ -215,7 +215,7 @@ def load_cached_case(
     folder = Path(folder)
     meta = read_meta(folder)
     if prep_hash is not None and meta.get("prep_hash") != prep_hash:
-        raise CacheError(f"{folder}: prep_hash {meta.get('prep_hash')!r} does not match {INDEX_NAME} "
+        raise CacheError(f"{folder / META_NAME}: prep_hash {meta.get('prep_hash')!r} does not match {INDEX_NAME} "
                          f"({prep_hash!r}); the index is stale, re-run prepare")
     if list(meta.get("modalities", [])) != list(modalities):
         raise CacheError(f"{folder / META_NAME}: modalities {meta.get('modalities')} differ from the index "

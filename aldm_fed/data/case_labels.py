@@ -92,27 +92,44 @@ class CaseLabels(Mapping[str, dict[str, str]]):
         return {c: dict(row) for c, row in self._labels.items()}
 
 
+def _delimiter(text: str) -> str:
+    """The delimiter (comma, semicolon or tab) that splits the header line into the most columns.
+
+    Why not csv.Sniffer: it guesses from the data rows and misreads quoted cells that hold a
+    delimiter or a quote (a semicolon file whose cell is a quoted semicolon came out comma-separated;
+    doubled quotes inside a quoted cell were kept doubled).
+    Quoting is always RFC 4180 (csv.excel), as spreadsheets and pandas write it.
+    """
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    widths = {}
+    for d in (",", ";", "\t"):
+        try:
+            widths[d] = len(next(csv.reader([first], csv.excel, delimiter=d), []))
+        except csv.Error:
+            widths[d] = 0
+    return max(widths, key=lambda d: widths[d])  # ties: the first, comma
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()  # bytes, not read_text: a quoted cell may hold a newline of its own
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise CaseLabelError(f"{path}: label CSV not found") from None
     except IsADirectoryError:
         raise CaseLabelError(f"{path}: is a folder, expected a CSV file") from None
     except UnicodeDecodeError:
-        text = path.read_text(encoding="latin-1")  # latin-1 decodes any bytes; NULs are caught below
+        text = raw.decode("latin-1")  # latin-1 decodes any bytes; NULs are caught below
     except OSError as exc:
         raise CaseLabelError(f"{path}: cannot read label CSV ({exc})") from None
     if "\x00" in text:
         raise CaseLabelError(f"{path}: not a text CSV file (binary content)")
     if not text.strip():
         raise CaseLabelError(f"{path}: label CSV is empty")
+    delimiter = _delimiter(text)
     try:
-        dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(text[:8192], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    try:
-        rows = [r for r in csv.reader(io.StringIO(text), dialect) if any(cell.strip() for cell in r)]
+        rows = [r for r in csv.reader(io.StringIO(text), csv.excel, delimiter=delimiter)
+                if any(cell.strip() for cell in r)]
     except csv.Error as exc:
         raise CaseLabelError(f"{path}: malformed CSV ({exc})") from None
     if not rows:

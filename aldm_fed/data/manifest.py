@@ -75,6 +75,8 @@ class SiteManifest:
         seen: dict[str, str] = {}
         for name, ids in self.splits.items():
             for case_id in ids:
+                if seen.get(case_id) == name:
+                    raise ValueError(f"site {self.site!r}: case {case_id!r} is listed twice in split {name!r}")
                 if case_id in seen:
                     raise ValueError(
                         f"site {self.site!r}: case {case_id!r} is in both {seen[case_id]!r} and {name!r}"
@@ -142,6 +144,9 @@ def make_manifest(
         seed: split seed; the site name is mixed in so sites with equal ids still differ.
         data_root: stored as given (relative to the manifest file's folder).
     """
+    if not _is_plain_name(site):
+        raise ValueError(f"site name {site!r} cannot name a folder (empty, '.', '..', a path separator or a"
+                         " control character)")
     ids = sorted(set(case_ids))
     if len(ids) != len(case_ids):
         raise ValueError(f"site {site!r}: duplicate case ids in input")
@@ -192,6 +197,12 @@ def _stratified_order(
     return [case_id for _, _, case_id in keyed]
 
 
+def _is_plain_name(name: str) -> bool:
+    """A usable site or case name: one non-empty path component without control characters."""
+    return (bool(name.strip()) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and name.isprintable())
+
+
 def write_manifest(manifest: SiteManifest, path: str | Path) -> Path:
     path = Path(path)
     atomic_write_json(path, manifest.to_dict())
@@ -215,13 +226,31 @@ def read_manifest(path: str | Path) -> SiteManifest:
     for key, kind in (("site", str), ("data_root", str), ("splits", dict)):
         if not isinstance(raw.get(key), kind):
             raise ManifestError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+    if not _is_plain_name(raw["site"]):  # site names become folder names (runs/.../sites/<site>)
+        raise ManifestError(f"{path}: field 'site' {raw['site']!r} cannot name a site "
+                            "(empty, '.', '..', a path separator or a control character)")
+    for key in ("seed", "k"):  # bool is an int subclass; true/false here is a mistake
+        value = raw.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ManifestError(f"{path}: field {key!r} must be an integer >= 0, got {value!r}")
+    if not isinstance(raw.get("label_column"), str | None):
+        raise ManifestError(f"{path}: field 'label_column' must be a string or null, got {raw['label_column']!r}")
     splits = raw["splits"]
     for name, ids in splits.items():
         if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
             raise ManifestError(f"{path}: split {name!r} must be a list of case id strings")
+        bad = [c for c in ids if not _is_plain_name(c)]
+        if bad:  # case ids become cache folder names
+            raise ManifestError(f"{path}: split {name!r} holds case id(s) {bad[:5]} that cannot name a case "
+                                "folder (empty, '.', '..', a path separator or a control character)")
     labels = raw.get("labels", {})
     if not isinstance(labels, dict) or not all(isinstance(v, dict) for v in labels.values()):
         raise ManifestError(f"{path}: field 'labels' must map case ids to objects")
+    for case_id, row in labels.items():
+        odd = {k: v for k, v in row.items() if not isinstance(v, str | int | float)}
+        if odd:
+            raise ManifestError(f"{path}: field 'labels' of case {case_id!r}: values must be strings or numbers, "
+                                f"got {odd}")
     try:
         return SiteManifest(
             site=raw["site"],

@@ -189,6 +189,9 @@ def _resample(block: np.ndarray, D: np.ndarray, t: np.ndarray, size: int, *, ord
     D = D.astype(np.float64)
     if antialias and order > 0:
         k = np.maximum(1, np.floor(D + 1e-6)).astype(int)
+        # Never average over more voxels than an axis has: a degenerate scan (1 x 1 x 100000) would
+        # otherwise be zero-padded to k voxels on its thin axes (terabytes).
+        k = np.minimum(k, np.maximum(1, np.array(block.shape)))
         if np.any(k > 1):
             extra = (-np.array(block.shape)) % k
             if np.any(extra):
@@ -234,7 +237,8 @@ def preprocess_case(loaded: LoadedCase, data_cfg: object = None) -> PreparedCase
         data_cfg: the `data` config (mapping, DictConfig or DataConfig; None: defaults).
 
     Raises:
-        DataError: empty brain, or `crop: tumour` without tumour voxels.
+        DataError: empty brain (in the source, or none left in the cube), or `crop: tumour` without
+            tumour voxels.
     """
     cfg = DataConfig.from_cfg(data_cfg)
     if cfg.brain_mask and loaded.brain is not None:
@@ -264,6 +268,11 @@ def preprocess_case(loaded: LoadedCase, data_cfg: object = None) -> PreparedCase
         if loaded.seg is not None:
             seg = _resample_labels(loaded.seg[block], D, tb, S)
             seg *= inside
+    if not brain_out.any():  # e.g. a 1 x 1 x N scan: resizing it into a cube samples no brain voxel
+        raise DataError(loaded.files.get(loaded.modalities[0]),
+                        f"no brain voxel left in the {S}^3 cube (source grid {tuple(brain.shape)}, crop "
+                        f"{cfg.crop!r}, fit {cfg.fit!r}); the scan is too thin or degenerate",
+                        code="empty-brain", case_id=loaded.case_id)
 
     M = np.eye(4)
     M[:3, :3] = np.diag(D)

@@ -30,7 +30,7 @@ import torch
 
 from aldm_fed.data.brats import DataConfig
 from aldm_fed.data.cache import CaseCache
-from aldm_fed.data.manifest import SPLITS, SiteManifest, read_manifest
+from aldm_fed.data.manifest import SPLITS, ManifestError, SiteManifest, read_manifest
 
 __all__ = [
     "VolumeSet",
@@ -241,13 +241,18 @@ def load_split(
     roots: dict[str, Path] = {}
     case_sites: dict[str, str] = {}
     for site, (path, manifest) in manifests.items():
+        root = manifest.resolve_root(path)
         for case_id in manifest.cases(split):
-            roots[case_id] = manifest.resolve_root(path)
+            if case_id in roots:
+                raise ManifestError(f"{path}: split {split!r} lists case {case_id!r}, which the manifest of site "
+                                    f"{case_sites[case_id]!r} lists too (case ids must be unique across sites)")
+            roots[case_id] = root
             case_sites[case_id] = site
     if not roots:
         raise ValueError(
             f"no {split!r} cases at site(s) {sorted(manifests)} (manifests in {cohort / MANIFEST_DIR})"
         )
+    _check_listed_cases(manifests, split, cfg.data)
     if max_cases is not None and len(roots) > max_cases:
         ids = list(roots)
         keep = {ids[int(i)] for i in np.linspace(0, len(ids) - 1, max_cases).round()} if max_cases else set()
@@ -257,6 +262,33 @@ def load_split(
     return load_volumes(
         Path(str(cfg.paths.cache)), roots, cfg.data, sites=case_sites, progress=progress
     )
+
+
+def _check_listed_cases(manifests: Mapping[str, tuple[Path, SiteManifest]], split: str, data_cfg: Any) -> None:
+    """Every case a manifest lists in `split` has a folder below the manifest's data_root.
+
+    Why here: a typo in a hand-edited manifest should name the manifest, not surface later as a
+    case that "could not be prepared".
+
+    Raises:
+        ManifestError: naming the manifest file, its field and the missing case ids.
+    """
+    from aldm_fed.data.brats import DataError, find_cases
+
+    scheme = str(DataConfig.from_cfg(data_cfg).scheme)
+    for path, manifest in manifests.values():
+        listed = manifest.cases(split)
+        if not listed:
+            continue
+        root = manifest.resolve_root(path)
+        try:
+            found = {c.case_id for c in find_cases(root, scheme)}
+        except DataError:
+            raise ManifestError(f"{path}: field 'data_root' {manifest.data_root!r} -> {root} is not a folder") from None
+        missing = [c for c in listed if c not in found]
+        if missing:
+            raise ManifestError(f"{path}: split {split!r} lists {len(missing)} case(s) with no case folder below "
+                                f"data_root {root}: {missing[:5]}")
 
 
 def load_volumes(

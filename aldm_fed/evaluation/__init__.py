@@ -10,7 +10,8 @@
 - `faithfulness`: a MONAI tumour segmenter trained on real target cases; its Dice on synthetic
   volumes against their conditioning masks beside its Dice on real test cases
   (`faithfulness_metrics` gives the shareable numbers).
-- `report`: `report.{md,csv,json}` from the metrics of one or many sites (`write_report`).
+- `report`: `report.{md,csv,json}` from the metrics of one or many sites (`write_report`);
+  `report_html`: the same as one self-contained `report.html` with ROC and training curves.
 """
 
 from __future__ import annotations

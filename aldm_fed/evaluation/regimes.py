@@ -10,6 +10,14 @@ Same classifier, same budget (steps x batch size), same test set; only the train
 | `syn_only` | all synthetic volumes given (train-synthetic-test-real) |
 | `oracle` | many real target cases (only when the cohort has them; else skipped) |
 
+Comparisons run next to them with the same classifier, budget, seeds and test set (`run_regimes`'
+`baseline_items` and `shift_items`):
+
+| regime | trains on |
+|---|---|
+| `real_syn_<b>`, `syn_only_<b>` | as `real_syn` / `syn_only`, with the synthetic set of baseline `<b>` of `SYNTHETIC_BASELINES` (`noadapt`: source ControlNet; `concat`: no ControlNet; `gan`: the 3D GAN; `aldm_fed.synthesis.baselines`) instead of the site's adapted ALDM set |
+| `shift_from_<site>` | another site's real cases (domain shift: trained there, tested here); a single-machine research evaluation, never a federated metric |
+
 ```python
 rows = run_regimes(real_k, synthetic, real_test, cfg.classifier, "runs/x/classifier/A",
                    oracle_items=real_many)
@@ -33,6 +41,7 @@ A finished run is not retrained when the same call is repeated (the loop resumes
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -65,16 +74,33 @@ from aldm_fed.training.device import DeviceSetup, resolve_device
 from aldm_fed.training.loop import stable_seed
 
 __all__ = [
+    "BASELINE_REGIMES",
     "REGIMES",
+    "SHIFT_PREFIX",
+    "SYNTHETIC_BASELINES",
     "RESULTS_FILE",
     "ClassifierSettings",
     "RegimeResult",
     "run_regime",
     "run_regimes",
+    "comparison_pairs",
+    "is_regime",
+    "order_regimes",
+    "regime_kind",
     "select_synthetic",
+    "shift_regime",
 ]
 
 REGIMES: tuple[str, ...] = ("real_only", "real_aug", "real_syn", "syn_only", "oracle")
+# Generative baselines whose synthetic sets replace the ALDM one (aldm_fed.synthesis.baselines).
+SYNTHETIC_BASELINES: tuple[str, ...] = ("noadapt", "concat", "gan")
+# The regimes that take a synthetic set, and their per-baseline names (fixed: they are shareable).
+_SYN_REGIMES = ("real_syn", "syn_only")
+BASELINE_REGIMES: tuple[str, ...] = tuple(f"{r}_{b}" for b in SYNTHETIC_BASELINES for r in _SYN_REGIMES)
+# `shift_from_<site>`: site names are free text, so these rows never match the federated
+# allow-list (aldm_fed.evaluation.site.METRIC_KEY_PATTERN) and stay on the machine that ran them.
+SHIFT_PREFIX = "shift_from_"
+_SITE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 RESULTS_FILE = "results.json"
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.json"
@@ -271,6 +297,67 @@ class RegimeResult:
         return out
 
 
+def shift_regime(site: str) -> str:
+    """The domain-shift regime of a classifier trained on `site`'s real cases: `shift_from_<site>`.
+
+    Args:
+        site: the training site (letters, digits, '-' or '_').
+
+    Raises:
+        ValueError: a site name with other characters.
+    """
+    if not isinstance(site, str) or not _SITE_NAME.fullmatch(site):
+        raise ValueError(f"domain shift: site name {site!r} must be letters, digits, '-' or '_'")
+    return SHIFT_PREFIX + site
+
+
+def is_regime(name: str) -> bool:
+    """True for a regime name: `REGIMES`, `BASELINE_REGIMES` or `shift_from_<site>`."""
+    if name in REGIMES or name in BASELINE_REGIMES:
+        return True
+    return name.startswith(SHIFT_PREFIX) and _SITE_NAME.fullmatch(name.removeprefix(SHIFT_PREFIX)) is not None
+
+
+def regime_kind(name: str) -> str:
+    """The regime of `REGIMES` whose training recipe `name` follows: `real_syn_gan` -> `real_syn`,
+    `shift_from_A` -> `real_only` (real cases, no augmentation); a name of `REGIMES` -> itself.
+
+    Raises:
+        ValueError: not a regime name.
+    """
+    if name in REGIMES:
+        return name
+    if name in BASELINE_REGIMES:
+        return next(r for r in _SYN_REGIMES if name.startswith(r + "_"))
+    if is_regime(name):
+        return "real_only"
+    raise ValueError(f"unknown regime {name!r}; expected one of {REGIMES + BASELINE_REGIMES} or "
+                     f"{SHIFT_PREFIX}<site>")
+
+
+def order_regimes(names: set[str] | Sequence[str]) -> list[str]:
+    """Regime names in report order: `REGIMES`, then the baselines (by `SYNTHETIC_BASELINES`), then
+    the domain-shift rows (by site); other names last, sorted."""
+    names = set(names)
+    known = [*REGIMES, *BASELINE_REGIMES]
+    shifts = sorted(n for n in names if n not in known and is_regime(n))
+    return [n for n in known if n in names] + shifts + sorted(names - set(known) - set(shifts))
+
+
+def comparison_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
+    """(a, b) pairs whose AUC difference a - b a report shows: each ALDM regime against the same
+    regime with each baseline's set, and `real_only` against each domain-shift row (the gap of
+    training at another site).
+
+    Args:
+        regimes: the regimes present.
+    """
+    present = set(regimes)
+    pairs = [(kind, f"{kind}_{b}") for b in SYNTHETIC_BASELINES for kind in _SYN_REGIMES
+             if f"{kind}_{b}" in present]
+    return pairs + [("real_only", r) for r in order_regimes(present) if r.startswith(SHIFT_PREFIX)]
+
+
 def select_synthetic(items: Sequence[CaseItem], n_real: int, ratio: float, seed: int) -> list[CaseItem]:
     """The synthetic volumes of `real_syn`: round(ratio x n_real) of them, drawn without
     replacement by `seed`.
@@ -306,6 +393,7 @@ def _check_origin(items: Sequence[CaseItem], synthetic: bool, what: str) -> None
 def _training_items(
     name: str, real: Sequence[CaseItem], syn: Sequence[CaseItem], s: ClassifierSettings, seed: int
 ) -> tuple[list[CaseItem], list[CaseItem]]:
+    name = regime_kind(name)
     if name in ("real_only", "real_aug", "oracle"):
         return list(real), []
     if name == "real_syn":
@@ -328,7 +416,9 @@ def run_regime(
     """Train the configured classifier under one regime and test it on real held-out cases.
 
     Args:
-        name: one of `REGIMES`. For "oracle", `train_items_real` is the large real pool.
+        name: one of `REGIMES`, `BASELINE_REGIMES` or `shift_from_<site>` (`regime_kind` says
+            which recipe). For "oracle", `train_items_real` is the large real pool; for a
+            domain-shift regime, the other site's real cases.
         train_items_real: real training volumes (the K target cases, or the oracle pool).
         train_items_syn: synthetic volumes (used by real_syn and syn_only; may be empty otherwise).
         test_items: held-out real volumes of the site.
@@ -342,8 +432,7 @@ def run_regime(
         ValueError: unknown regime, synthetic test items, patient leakage, items in the wrong
             list, no training data for the regime, or a test/train set with one class.
     """
-    if name not in REGIMES:
-        raise ValueError(f"unknown regime {name!r}; expected one of {REGIMES}")
+    regime_kind(name)  # raises for an unknown name
     s = ClassifierSettings.from_mapping(cfg)
     run_dir = Path(run_dir)
     setup = device or resolve_device("auto")
@@ -419,6 +508,8 @@ def run_regimes(
     run_dir: str | os.PathLike[str],
     *,
     oracle_items: Sequence[CaseItem] | None = None,
+    baseline_items: Mapping[str, Sequence[CaseItem]] | None = None,
+    shift_items: Mapping[str, Sequence[CaseItem]] | None = None,
     regimes: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     device: DeviceSetup | None = None,
@@ -433,7 +524,13 @@ def run_regimes(
         cfg: the `classifier` config group (or `ClassifierSettings`).
         run_dir: output folder (one subfolder per regime and seed).
         oracle_items: many real target volumes for the oracle (None: oracle skipped).
-        regimes: override of `cfg.regimes`.
+        baseline_items: baseline name (`SYNTHETIC_BASELINES`) -> its synthetic volumes: runs
+            `real_syn_<b>` / `syn_only_<b>` for each of `real_syn` / `syn_only` that runs (an empty
+            set: skipped). `real_syn_<b>` draws its volumes with the same seeds as `real_syn`, so
+            with sets made from the same masks the draws are paired.
+        shift_items: training site -> its real volumes: runs `shift_from_<site>` (trained there,
+            tested on `test_items`), after the other regimes.
+        regimes: override of `cfg.regimes` (names of `REGIMES`).
         seeds: override of `cfg.seeds`.
         device: from `resolve_device`; None = auto.
         overwrite: retrain runs whose folder holds another config.
@@ -451,22 +548,36 @@ def run_regimes(
     seed_list = tuple(seeds) if seeds is not None else s.seeds
     if not seed_list:
         raise ValueError("no seeds to run")
+    unknown = sorted(set(baseline_items or {}) - set(SYNTHETIC_BASELINES))
+    if unknown:
+        raise ValueError(f"unknown synthetic baseline(s) {unknown}; expected names from {SYNTHETIC_BASELINES}")
     run_dir = Path(run_dir)
     setup = device or resolve_device("auto")
 
+    # (name, real training pool, synthetic pool) per regime, in report order.
+    jobs: list[tuple[str, Sequence[CaseItem] | None, Sequence[CaseItem]]] = [
+        (name, oracle_items if name == "oracle" else train_items_real, train_items_syn) for name in names
+    ]
+    for b in SYNTHETIC_BASELINES:
+        if baseline_items and b in baseline_items:
+            jobs += [(f"{kind}_{b}", train_items_real, baseline_items[b]) for kind in _SYN_REGIMES if kind in names]
+    jobs += [(shift_regime(site), items, []) for site, items in (shift_items or {}).items()]
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
-    for name in names:
-        if name in ("real_syn", "syn_only") and not train_items_syn:
+    for name, real, syn in jobs:
+        kind = regime_kind(name)
+        if kind in _SYN_REGIMES and not syn:
             rows.append(_skipped(name, "no synthetic volumes given", s))
             continue
-        if name == "oracle" and not oracle_items:
+        if kind == "oracle" and not real:
             rows.append(_skipped(name, "no oracle cases (the cohort has no large real target pool)", s))
             continue
-        real = oracle_items if name == "oracle" else train_items_real
+        if not real and kind != "syn_only":
+            rows.append(_skipped(name, "no real training cases given", s))
+            continue
         assert real is not None
         results = [
-            run_regime(name, real, train_items_syn, test_items, s, run_dir / name / f"seed_{seed}", seed,
+            run_regime(name, real, syn, test_items, s, run_dir / name / f"seed_{seed}", seed,
                        device=setup, overwrite=overwrite)
             for seed in seed_list
         ]

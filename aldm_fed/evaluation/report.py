@@ -1,10 +1,15 @@
-"""The downstream-classification report of one or many sites: `report.json`, `.csv` and `.md`.
+"""The downstream-classification report of one or many sites: `report.json`, `.csv`, `.md` and
+the self-contained `report.html` (with ROC curves, montages and training curves where the run's
+files are at hand: `aldm_fed.evaluation.report_html`).
 
 Input is what each site's `SiteEvaluation.metrics()` returns (flat numbers: `<regime>.<name>` and
 site-level `n_*`), so the federated server writes it from the metrics the sites sent, and the
-single-site `aldm-fed evaluate` from one site's. Only the regimes of `REGIMES` make regime columns;
+single-site `aldm-fed evaluate` from one site's. Only regime names (`regimes.is_regime`: `REGIMES`,
+the baselines' `real_syn_<b>` / `syn_only_<b>` and the domain-shift `shift_from_<X>`) make regime columns;
 other dotted keys a federated site sends (`adapt.loss`, `synthesis.n_volumes`) go, with the case
-counts, into a "Site work" table:
+counts, into a "Site work" table, except the memorisation audit's `audit.*` numbers
+(`aldm_fed.synthesis.audit`), which get a "Memorisation audit" section (and `sites.<s>.audit` in
+the JSON):
 
 ```python
 paths = write_report(out_dir, {"A": metrics_a, "C": metrics_c}, title="Federated run demo",
@@ -36,12 +41,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from aldm_fed.evaluation.regimes import REGIMES
+from aldm_fed.evaluation.regimes import (
+    REGIMES,
+    SHIFT_PREFIX,
+    SYNTHETIC_BASELINES,
+    comparison_pairs,
+    is_regime,
+    order_regimes,
+)
+from aldm_fed.evaluation.report_html import HTML_FILE, ReportSources, discover_sources, write_html_report
 from aldm_fed.io import atomic_write_json, atomic_write_text
 
 __all__ = ["REPORT_FILES", "config_summary", "write_report"]
 
-REPORT_FILES: dict[str, str] = {"json": "report.json", "csv": "report.csv", "md": "report.md"}
+REPORT_FILES: dict[str, str] = {"json": "report.json", "csv": "report.csv", "md": "report.md", "html": HTML_FILE}
 # The tables of report.md: metric name (as in `<m>_mean`) -> heading.
 _TABLES: tuple[tuple[str, str], ...] = (("auc", "AUC"), ("balanced_accuracy", "Balanced accuracy"), ("f1", "F1"))
 # Column order of the CSV and the training-data table; other names follow, sorted.
@@ -50,6 +63,7 @@ _COUNTS = ("n_seeds", "n_train_cases_real", "n_train_cases_syn", "n_boot_valid")
 _WORK_COLUMNS: dict[str, str] = {"adapt.loss": "ControlNet adaptation loss", "synthesis.n_volumes": "synthetic volumes"}
 _CASE_COLUMNS: dict[str, str] = {"n_source_cases": "source cases", "n_target_cases": "target cases",
                                  "n_test_cases": "test cases"}
+_AUDIT_PREFIX = "audit."  # the memorisation audit's numbers (aldm_fed.synthesis.audit.SUMMARY_NAMES)
 Numbers = dict[str, float | int]  # name -> value, of a site or of one regime at a site
 
 
@@ -59,7 +73,7 @@ class _Split:
 
     Args:
         site_level: undotted keys (`n_test_cases`, ...).
-        by_regime: regime of `REGIMES` -> `<name>` -> value.
+        by_regime: regime (`regimes.is_regime`) -> `<name>` -> value.
         work: the other dotted keys, whole (`adapt.loss`, `synthesis.n_volumes`).
     """
 
@@ -114,7 +128,7 @@ def _split(sites: Mapping[str, Mapping[str, float]]) -> _Split:
             if value is None:
                 continue
             prefix, dot, rest = str(key).partition(".")
-            if prefix in REGIMES and dot:
+            if dot and is_regime(prefix):
                 out.by_regime[name].setdefault(prefix, {})[rest] = value
             elif dot:
                 out.work[name][str(key)] = value
@@ -166,6 +180,64 @@ def _metric_table(metric: str, sites: list[str], regimes: list[str], site_level:
                 row.append("-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]")
         rows.append(row)
     return _table(header, rows)
+
+
+def _metric_table_by_regime(metric: str, sites: list[str], regimes: list[str], site_level: dict[str, Numbers],
+                            by_regime: dict[str, dict[str, Numbers]]) -> list[str]:
+    """Regimes x sites (for many regimes): per site the seed mean (± std over seeds) and its CI."""
+    header = ["regime"]
+    for site in sites:
+        header += [f"{site} (n test {_fmt(site_level[site].get('n_test_cases'))})", f"{site} CI"]
+    rows = []
+    for r in regimes:
+        row = [r]
+        for site in sites:
+            v = by_regime[site].get(r, {})
+            mean, std = v.get(f"{metric}_mean"), v.get(f"{metric}_std")
+            text = _fmt(mean)
+            if mean is not None and std is not None and v.get("n_seeds", 1) > 1:
+                text += f" ± {std:.3f}"
+            lo, hi = v.get(f"{metric}_ci_low"), v.get(f"{metric}_ci_high")
+            row += [text, "-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _comparison_howto(regimes: Sequence[str]) -> list[str]:
+    """How-to-read lines for the baselines and domain-shift rows present."""
+    lines = []
+    if any(r.endswith(tuple(f"_{b}" for b in SYNTHETIC_BASELINES)) for r in regimes):
+        lines.append("- **Baselines** (`real_syn_<b>`, `syn_only_<b>`): the same regime with another "
+                     "generator's synthetic set, made from the same masks, hosts and noise seeds as the ALDM "
+                     "set: `noadapt` = the backbone with the source ControlNet (no site adaptation), "
+                     "`concat` = the backbone with mask concatenation only (no ControlNet), `gan` = a "
+                     "mask-conditioned 3D GAN trained on the same K cases.")
+    if any(r.startswith(SHIFT_PREFIX) for r in regimes):
+        lines.append("- **Domain shift** (`shift_from_<X>`): the same classifier trained on site X's real "
+                     "cases and tested on this site's held-out real cases; `real_only` - `shift_from_<X>` is "
+                     "the gap of training elsewhere. It reads other sites' data: a single-machine research "
+                     "evaluation, never part of a federated run.")
+    return lines
+
+
+def _comparison_section(sites: list[str], regimes: list[str],
+                        by_regime: dict[str, dict[str, Numbers]]) -> list[str]:
+    """ALDM minus each baseline (same regime) and the domain-shift gaps, AUC seed means per site;
+    nothing when no baseline or shift row ran."""
+    pairs = comparison_pairs(regimes)
+    if not pairs:
+        return []
+    rows = []
+    for a, b in pairs:
+        row = [f"{a} - {b}"]
+        for site in sites:
+            x, y = by_regime[site].get(a, {}).get("auc_mean"), by_regime[site].get(b, {}).get("auc_mean")
+            row.append("-" if x is None or y is None else f"{x - y:+.3f}")
+        rows.append(row)
+    return ["## ALDM against the baselines, and the domain-shift gap (AUC)", "",
+            "Differences of seed-mean AUCs at each site; positive = the first regime is better. "
+            "Compare with the intervals above: a difference inside overlapping intervals is no evidence.", "",
+            *_table(["difference", *sites], rows), ""]
 
 
 def _auc_difference(by_regime: dict[str, dict[str, Numbers]], site: str) -> float | None:
@@ -238,7 +310,9 @@ def _site_work(split: _Split, statuses: Mapping[str, str]) -> list[str]:
     """One row per site (also one listed only with a status): status, the non-regime dotted
     numbers (ControlNet adaptation, synthesis) and the case counts; nothing when no site has
     either a status or such numbers."""
-    work = _ordered({k for v in split.work.values() for k in v}, list(_WORK_COLUMNS))
+    # the memorisation audit's numbers have their own section (`_audit_section`)
+    work = _ordered({k for v in split.work.values() for k in v if not k.startswith(_AUDIT_PREFIX)},
+                    list(_WORK_COLUMNS))
     if not work and not statuses:
         return []
     counts = [k for k in _CASE_COLUMNS if any(k in v for v in split.site_level.values())]
@@ -251,6 +325,36 @@ def _site_work(split: _Split, statuses: Mapping[str, str]) -> list[str]:
                      *(_fmt(numbers.get(k)) for k in [*work, *counts])])
     return ["## Site work", "", "What each site did besides the classifier: status (as the server saw "
             "it), ControlNet adaptation, synthetic volumes made, and its cases.", "",
+            *_table(header, rows), ""]
+
+
+def _audit_section(split: _Split) -> list[str]:
+    """One row per site whose memorisation audit sent numbers (`audit.*`, aldm_fed.synthesis.audit):
+    counts, the threshold and the distribution of nearest-neighbour ratios; nothing when none did."""
+    sites = sorted(s for s, v in split.work.items() if any(k.startswith(_AUDIT_PREFIX) for k in v))
+    if not sites:
+        return []
+    rows = []
+    for site in sites:
+        numbers = {k.removeprefix(_AUDIT_PREFIX): v for k, v in split.work[site].items() if k.startswith(_AUDIT_PREFIX)}
+        excluded = split.site_level.get(site, {}).get("n_synthetic_excluded")
+        rows.append([site, *(_fmt(numbers.get(k)) for k in ("n_audited", "n_flagged")), _fmt(excluded),
+                     *(_fmt(numbers.get(k), 2) for k in ("threshold", "ratio_min", "ratio_q25", "ratio_median",
+                                                         "ratio_q75", "ratio_max", "feature_ratio_median",
+                                                         "real_ratio_min")),
+                     _fmt(numbers.get("n_real_below"))])
+    header = ["site", "audited", "flagged", "excluded from training", "threshold", "ratio min", "q25", "median",
+              "q75", "max", "feature ratio median", "closest real pair", "real cases below threshold"]
+    return ["## Memorisation audit", "",
+            "Each site compared every synthetic volume with its own real training cases (ids stay at the site; "
+            "its `audit.json` lists the flagged volumes and their nearest real case). **ratio** = distance to "
+            "the nearest real case / the typical distance between two different real cases (~1: as far as "
+            "another patient; 0: a copy; smaller = closer to a copy). A volume whose ratio is below the "
+            "threshold is flagged as a near-copy and, by default, left out of classifier training. "
+            "**closest real pair**: the smallest such ratio between two different real cases, and how many "
+            "real cases fall below the threshold (false alarms of the rule on real patients). Image distance: "
+            "1 - NCC inside the shared brain; feature ratio: the fixed random ResNet-10 of "
+            "`fd_rand_resnet10_3d`.", "",
             *_table(header, rows), ""]
 
 
@@ -271,6 +375,7 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
         "real few-shot cases), `real_aug` (the same with classic augmentation), `real_syn` (K real + "
         "synthetic), `syn_only` (synthetic only), `oracle` (a larger real pool of the site, where it "
         "has one).",
+        *_comparison_howto(regimes),
         "- **Values** are means over training seeds (± the std over seeds when there are several).",
         f"- **CI**: {ci_text}patient-level bootstrap interval of the seed mean (test patients "
         "resampled with all their slices).",
@@ -280,8 +385,12 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
         "pool) or the number is not available.",
         "",
     ]
+    wide = len(regimes) > len(REGIMES)  # baselines / shift rows: regimes down, sites across
     for metric, heading in _TABLES:
-        lines += [f"## {heading}", ""] + _metric_table(metric, sites, regimes, site_level, by_regime) + [""]
+        table = (_metric_table_by_regime(metric, sites, regimes, site_level, by_regime) if wide
+                 else _metric_table(metric, sites, regimes, site_level, by_regime))
+        lines += [f"## {heading}", ""] + table + [""]
+    lines += _comparison_section(sites, regimes, by_regime)
     lines += ["## Synthetic data effect: real_syn - real_only (AUC)", ""]
     rows = []
     for site in sites:
@@ -300,6 +409,7 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
                                               f"{_fmt(v.get('n_train_cases_syn'))}")
         rows.append(row)
     lines += _table(["site", *regimes], rows) + [""]
+    lines += _audit_section(split)
     lines += _site_work(split, _statuses(context))
     return "\n".join(lines)
 
@@ -310,22 +420,26 @@ def write_report(
     *,
     title: str,
     context: Mapping[str, Any],
+    sources: ReportSources | None = None,
 ) -> dict[str, Path]:
-    """Write `report.json`, `report.csv` and `report.md` into `out_dir` (each atomically).
+    """Write `report.json`, `report.csv`, `report.md` and `report.html` into `out_dir` (each
+    atomically).
 
     Args:
         out_dir: the folder (created if missing).
         sites: site -> flat metrics, as returned by `SiteEvaluation.metrics()` (or received from
-            the sites): `<regime>.<name>` (regime of `REGIMES`), other dotted keys (site work:
+            the sites): `<regime>.<name>` (`regimes.is_regime`), other dotted keys (site work:
             `adapt.<x>`, `synthesis.n_volumes`) and site-level `n_*` keys, numeric values.
         title: the report's heading.
         context: what the run was (e.g. `config_summary(cfg)` plus run-specific items such as
             rounds); shown as a list and tables in the Markdown and kept in the JSON. A
             `"sites"` mapping of site -> {..., "status"} adds the status to the Site work table,
             with a row for each listed site, metrics or not.
+        sources: the run's files that report.html draws (predictions, montages, training logs,
+            rounds); None = `report_html.discover_sources(out_dir, sites, context)`.
 
     Returns:
-        {"json", "csv", "md"} -> the written path.
+        {"json", "csv", "md", "html"} -> the written path.
 
     Raises:
         ValueError: no sites, or a value that is not a number (site and key named).
@@ -334,7 +448,7 @@ def write_report(
     split = _split(sites)
     site_level, by_regime, work = split.site_level, split.by_regime, split.work
     names = sorted(site_level)
-    regimes = _ordered({r for s in names for r in by_regime[s]}, REGIMES)
+    regimes = order_regimes({r for s in names for r in by_regime[s]})
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     paths = {kind: out / name for kind, name in REPORT_FILES.items()}
 
@@ -346,6 +460,8 @@ def write_report(
         "context": json.loads(json.dumps(dict(context), default=str)),
         "regimes": regimes,
         "sites": {s: {"site": site_level[s], "regimes": by_regime[s], "work": work[s],
+                      "audit": {k.removeprefix(_AUDIT_PREFIX): v for k, v in work[s].items()
+                                if k.startswith(_AUDIT_PREFIX)},
                       "auc_diff_real_syn_minus_real_only": _auc_difference(by_regime, s)} for s in names},
     })
 
@@ -368,4 +484,9 @@ def write_report(
     atomic_write_text(paths["csv"], buf.getvalue())
 
     atomic_write_text(paths["md"], _markdown(title, created, context, names, regimes, split))
+
+    # report.html: rendered from report.json as written (so every section it holds is shown), plus
+    # the figures of the run's files.
+    data = json.loads(paths["json"].read_text(encoding="utf-8"))
+    write_html_report(paths["html"], data, sources if sources is not None else discover_sources(out, names, context))
     return paths

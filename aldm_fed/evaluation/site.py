@@ -13,9 +13,11 @@ The volumes, from the site's manifest (`COHORT/manifests/<site>.json`) and its s
 | role | cases |
 |---|---|
 | real training (`real_only`, `real_aug`, `real_syn`) | the K `target` cases |
-| synthetic (`real_syn`, `syn_only`) | every volume in `paths.synthesis` (none there: both skipped) |
+| synthetic (`real_syn`, `syn_only`) | every volume in `paths.synthesis` (none there: both skipped) except those the memorisation audit flags as near-copies of a real case (`audit.exclude_flagged`, `aldm_fed.synthesis.audit`) |
 | test (every regime) | the `test` cases: held out, real |
 | `oracle` | `target` + `source` cases: the site's larger real pool, when it has source cases (else skipped) |
+| baselines (`real_syn_<b>`, `syn_only_<b>`) | the synthetic set of each baseline `<b>` asked for (`baselines.enabled`: `runs/<run>/sites/<site>/baselines/<b>/`, `aldm_fed.synthesis.baselines`), less its audit's near-copies |
+| domain shift (`shift_from_<X>`) | site X's real cases (`shift_from`, only when the caller asks: it reads another site's data, so a federated site never does) |
 
 `SiteEvaluation.metrics()` is what a federated site may send: counts and metric values as plain
 numbers under fixed names (`METRIC_KEY_PATTERN`), never a case id, a path or a string.
@@ -35,15 +37,23 @@ from aldm_fed.data.cache import CaseCache
 from aldm_fed.data.manifest import SiteManifest
 from aldm_fed.data.volumes import load_split, site_manifests
 from aldm_fed.evaluation.metrics import CLASSIFICATION_METRICS
-from aldm_fed.evaluation.regimes import REGIMES, ClassifierSettings, run_regimes
+from aldm_fed.evaluation.regimes import (
+    BASELINE_REGIMES,
+    REGIMES,
+    SYNTHETIC_BASELINES,
+    ClassifierSettings,
+    run_regimes,
+    shift_regime,
+)
 from aldm_fed.evaluation.tasks import CaseItem, encode_case_labels, items_from_cache, items_from_synthesis
+from aldm_fed.synthesis.audit import AUDIT_KEY_PATTERN, AuditSettings, audit_site
 from aldm_fed.synthesis.site import site_config
 from aldm_fed.synthesis.writer import MANIFEST_NAME
 from aldm_fed.training.artifacts import SITES_DIR, RunLayout
 from aldm_fed.training.common import device_setup
 
 __all__ = ["CLASSIFIER_DIR", "METRIC_KEY_PATTERN", "REGIME_NUMBERS", "SITE_NUMBERS", "SiteEvaluation",
-           "evaluate_site"]
+           "enabled_baselines", "evaluate_site"]
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +64,15 @@ REGIME_NUMBERS: tuple[str, ...] = (
     *(f"{m}_{stat}" for m in CLASSIFICATION_METRICS for stat in ("mean", "std", "ci_low", "ci_high")),
 )
 # ... and the site-level ones (the test set is the same for every regime).
-SITE_NUMBERS: tuple[str, ...] = ("n_target_cases", "n_synthetic_cases", "n_test_cases", "n_test_samples")
-# Every key `metrics()` may produce; fixed names only, so no key can carry a case id or a path.
+SITE_NUMBERS: tuple[str, ...] = ("n_target_cases", "n_synthetic_cases", "n_synthetic_excluded", "n_test_cases",
+                                 "n_test_samples")
+# Every key `metrics()` may produce; fixed names only, so no key can carry a case id or a path
+# (`audit.<name>`: the memorisation audit's counts and ratio statistics). The baselines' regimes
+# have fixed names too; the domain-shift rows (`shift_from_<site>`) do not match: they name a site
+# and exist only in a single-machine comparison.
 METRIC_KEY_PATTERN = re.compile(
-    rf"({'|'.join(SITE_NUMBERS)})|({'|'.join(REGIMES)})\.({'|'.join(REGIME_NUMBERS)})"
+    rf"({'|'.join(SITE_NUMBERS)})|({'|'.join((*REGIMES, *BASELINE_REGIMES))})\.({'|'.join(REGIME_NUMBERS)})"
+    rf"|{AUDIT_KEY_PATTERN.pattern}"
 )
 
 
@@ -71,9 +86,12 @@ class SiteEvaluation:
             "skipped" (`reason`).
         run_dir: the classifier runs (`results.json`, `<regime>/seed_<s>/`).
         n_target_cases: real few-shot training cases (K).
-        n_synthetic_cases: synthetic volumes available to `real_syn` / `syn_only` (0: skipped).
+        n_synthetic_cases: synthetic volumes available to `real_syn` / `syn_only` (0: skipped),
+            after the exclusion of near-copies.
         n_test_cases: held-out real test cases.
         notes: remarks for the site's own report (they may name paths: never sent anywhere).
+        n_synthetic_excluded: synthetic volumes left out as near-copies of a real case.
+        audit: the memorisation audit's shareable numbers (`AuditResult.summary()`), if it ran.
     """
 
     site: str
@@ -83,24 +101,30 @@ class SiteEvaluation:
     n_synthetic_cases: int
     n_test_cases: int
     notes: list[str] = field(default_factory=list)
+    n_synthetic_excluded: int = 0
+    audit: dict[str, float | int] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float | int]:
         """The results as flat numbers: what a federated site may send to the server.
 
         Keys are `<regime>.<name>` for each regime that ran (`REGIME_NUMBERS`, e.g.
         `real_syn.auc_mean`, `real_syn.n_train_cases_syn`) and the site-level `SITE_NUMBERS`
-        (`n_test_cases`, ...). Skipped regimes and non-finite values (an interval without valid
+        (`n_test_cases`, ...), and the memorisation audit's `audit.<name>` numbers when it ran.
+        Skipped regimes and non-finite values (an interval without valid
         resamples) are left out rather than sent as NaN.
 
         Returns:
             name -> int (counts) or float (metrics), all finite; every name matches
-            `METRIC_KEY_PATTERN`.
+            `METRIC_KEY_PATTERN`, except the domain-shift rows (`shift_from_<X>.<name>`) that
+            `evaluate_site` makes only when its caller asks (single machine; never shareable).
         """
         out: dict[str, float | int] = {
             "n_target_cases": int(self.n_target_cases),
             "n_synthetic_cases": int(self.n_synthetic_cases),
+            "n_synthetic_excluded": int(self.n_synthetic_excluded),
             "n_test_cases": int(self.n_test_cases),
         }
+        out |= {k: x for k, v in self.audit.items() if (x := _finite_number(v)) is not None}
         for row in self.rows:
             if row.get("status") != "ok":
                 continue
@@ -145,8 +169,55 @@ def _cached_items(
     return items_from_cache(CaseCache(str(cfg.paths.cache)), volumes.case_ids, labels)
 
 
+def _synthetic_set(
+    cfg: Any, site: str, syn_dir: Path, label_map: dict[str, int] | None, real: Sequence[CaseItem],
+    progress: bool, what: str,
+) -> tuple[list[CaseItem], list[str], dict[str, float | int], list[str]]:
+    """(items, excluded ids, audit numbers, notes) of one synthesis folder: its volumes less the
+    memorisation audit's near-copies (`audit.exclude_flagged`)."""
+    notes: list[str] = []
+    syn = items_from_synthesis(syn_dir, label_map=label_map)
+    if syn and syn[0].image.shape != real[0].image.shape:
+        raise ValueError(
+            f"{syn_dir}: synthetic volumes are {syn[0].image.shape}, the cached cases "
+            f"{real[0].image.shape}; synthesize again with this data config"
+        )
+    audit = audit_site(cfg, site, out=syn_dir, progress=progress)  # read back if current
+    if audit is None:
+        return syn, [], {}, [f"memorisation audit off (audit.enabled=false): {what} volumes were not checked"]
+    excluded: list[str] = []
+    if AuditSettings.from_mapping(cfg.audit).exclude_flagged and audit.flagged_ids:
+        flagged = set(audit.flagged_ids)
+        excluded = [it.group for it in syn if it.group in flagged]
+        syn = [it for it in syn if it.group not in flagged]
+        notes.append(f"memorisation audit: {len(excluded)} {what} volume(s) left out of training as "
+                     f"near-copies of a real case ({', '.join(excluded)}; {audit.path})")
+        log.warning(notes[-1])
+    return syn, excluded, audit.summary(), notes
+
+
+def enabled_baselines(cfg: Any) -> tuple[str, ...]:
+    """The synthetic baselines `cfg.baselines.enabled` asks for (none without a `baselines` group).
+
+    Raises:
+        ValueError: a name not in `SYNTHETIC_BASELINES`, or a repeated one.
+    """
+    group = cfg.get("baselines") if hasattr(cfg, "get") else None
+    names = tuple(str(b) for b in ((group.get("enabled") if group is not None else None) or ()))
+    bad = [b for b in names if b not in SYNTHETIC_BASELINES]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"baselines.enabled: expected distinct names from {SYNTHETIC_BASELINES}, got {list(names)}")
+    return names
+
+
 def evaluate_site(
-    cfg: Any, site: str | None = None, *, progress: bool = True, overwrite: bool = False
+    cfg: Any,
+    site: str | None = None,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    baselines: Sequence[str] | None = None,
+    shift_from: Sequence[str] = (),
 ) -> SiteEvaluation:
     """Train the downstream classifier under every configured regime on a site's own data and test
     it on the site's held-out real cases.
@@ -154,11 +225,19 @@ def evaluate_site(
     Finished runs are not retrained: a repeated call reads them back (see `run_regimes`).
 
     Args:
-        cfg: the composed config (reads `paths`, `data`, `device`, `classifier`).
+        cfg: the composed config (reads `paths`, `data`, `device`, `classifier`, `audit`,
+            `baselines`).
         site: the site; None = `cfg.site`.
         progress: show progress bars (cache preparation and, if `classifier.train.progress`,
             classifier training).
         overwrite: retrain runs whose folder holds another config.
+        baselines: synthetic baselines to compare (`real_syn_<b>`, `syn_only_<b>`), each read from
+            `aldm_fed.synthesis.baselines.baseline_dir`; None = `cfg.baselines.enabled`. A baseline
+            without a finished set is skipped with a note.
+        shift_from: other sites whose real cases (`cfg.baselines.shift_splits`, default their
+            `target` cases) train a `shift_from_<X>` classifier tested here. It reads those sites'
+            data, so only a single-machine comparison asks for it; its rows do not match
+            `METRIC_KEY_PATTERN` (never sent by a federated site).
 
     Returns:
         A `SiteEvaluation`; its `metrics()` is the flat, shareable summary.
@@ -166,14 +245,26 @@ def evaluate_site(
     Raises:
         ValueError: no site; no `test` or `target` cases in the site's manifest (the message
             names the file); missing case labels for the volume task; an incomplete synthesis
-            folder or one of another volume size; the guards of `run_regimes` (leakage, a test
-            set with one class).
-        FileNotFoundError: no manifest for the site.
+            folder or one of another volume size; an unknown baseline; the site itself in
+            `shift_from`, or a shift site without those cases; the guards of `run_regimes`
+            (leakage, a test set with one class).
+        FileNotFoundError: no manifest for the site (or for a `shift_from` site).
     """
+    from aldm_fed.synthesis.baselines import baseline_dir  # synthesis imports evaluation helpers
+
     cfg, site_name = site_config(cfg, site, needed_for="its held-out real cases test the classifier")
     s = ClassifierSettings.from_mapping(cfg.classifier)
     if not progress:
         s = replace(s, train=replace(s.train, progress=False))  # not part of a run's identity
+    wanted = enabled_baselines(cfg) if baselines is None else tuple(baselines)
+    bad = [b for b in wanted if b not in SYNTHETIC_BASELINES]
+    if bad:
+        raise ValueError(f"unknown synthetic baseline(s) {bad}; expected names from {SYNTHETIC_BASELINES}")
+    shift_sites = [str(x) for x in shift_from]
+    if site_name in shift_sites:
+        raise ValueError(f"shift_from: site {site_name} is the site under test; name other sites")
+    for x in shift_sites:
+        shift_regime(x)  # validates the name
 
     # 1. The site's cases by role; fail before preparing anything.
     path, manifest = site_manifests(str(cfg.paths.cohort), [site_name])[site_name]
@@ -193,28 +284,55 @@ def evaluate_site(
     test_items = _cached_items(cfg, site_name, "test", labels, progress)
     oracle = real + _cached_items(cfg, site_name, "source", labels, progress) if use_oracle else None
 
-    # 3. The site's synthetic volumes, if it has made any.
+    # 3. The site's synthetic volumes, if it has made any, less the audit's near-copies; the same
+    #    for each baseline's set.
     notes: list[str] = []
     syn: list[CaseItem] = []
+    excluded: list[str] = []
+    audit_numbers: dict[str, float | int] = {}
     syn_dir = Path(str(cfg.paths.synthesis))
     wants_syn = bool({"real_syn", "syn_only"} & set(s.regimes))
     if wants_syn and (syn_dir / MANIFEST_NAME).is_file():
-        syn = items_from_synthesis(syn_dir, label_map=label_map)
-        if syn and syn[0].image.shape != real[0].image.shape:
-            raise ValueError(
-                f"{syn_dir}: synthetic volumes are {syn[0].image.shape}, the cached cases "
-                f"{real[0].image.shape}; synthesize again with this data config"
-            )
+        syn, excluded, audit_numbers, more = _synthetic_set(cfg, site_name, syn_dir, label_map, real, progress,
+                                                            "synthetic")
+        notes += more
     elif wants_syn:
         notes.append(f"no synthetic volumes in {syn_dir} (no {MANIFEST_NAME}): real_syn and syn_only "
                      f"skipped; run `aldm-fed synthesize --site {site_name}` first")
         log.warning(notes[-1])
+    baseline_items: dict[str, list[CaseItem]] = {}
+    for b in wanted if wants_syn else ():
+        b_dir = baseline_dir(cfg, site_name, b)
+        if (b_dir / MANIFEST_NAME).is_file():
+            baseline_items[b], _, _, more = _synthetic_set(cfg, site_name, b_dir, label_map, real, progress,
+                                                           f"{b} baseline")
+            notes += more
+        else:
+            baseline_items[b] = []
+            notes.append(f"no {b} baseline set in {b_dir} (no {MANIFEST_NAME}): its regimes skipped; "
+                         f"`aldm-fed compare` makes it")
+            log.warning(notes[-1])
     if "oracle" in s.regimes and not source:
         notes.append(f"site {site_name} has no source cases: no larger real pool, oracle skipped")
 
-    # 4. Every regime x seed, tested on the real held-out cases.
+    # 4. Domain shift: the same classifier trained on another site's real cases.
+    shift_items: dict[str, list[CaseItem]] = {}
+    if shift_sites:
+        splits = [str(x) for x in (cfg.get("baselines") or {}).get("shift_splits", None) or ["target"]]
+        for x, (x_path, x_manifest) in site_manifests(str(cfg.paths.cohort), shift_sites).items():
+            cases = [c for split in splits for c in x_manifest.cases(split)]
+            if not cases:
+                raise ValueError(f"{x_path}: site {x} has no {'/'.join(splits)} cases to train the "
+                                 f"shift_from_{x} classifier on (baselines.shift_splits)")
+            x_labels, _ = _label_codes(s, x_manifest, x_path, cases)
+            shift_items[x] = [it for split in splits for it in _cached_items(cfg, x, split, x_labels, progress)]
+        notes.append(f"domain shift: shift_from_<X> trained on the {'+'.join(splits)} cases of site(s) "
+                     f"{', '.join(shift_sites)}, tested on site {site_name}'s test cases (single machine only)")
+
+    # 5. Every regime x seed, tested on the real held-out cases.
     run_dir = RunLayout.from_cfg(cfg).root / SITES_DIR / site_name / CLASSIFIER_DIR
-    rows = run_regimes(real, syn, test_items, s, run_dir, oracle_items=oracle, device=device_setup(cfg),
-                       overwrite=overwrite)
+    rows = run_regimes(real, syn, test_items, s, run_dir, oracle_items=oracle, baseline_items=baseline_items,
+                       shift_items=shift_items, device=device_setup(cfg), overwrite=overwrite)
     return SiteEvaluation(site=site_name, rows=rows, run_dir=run_dir, n_target_cases=len(real),
-                          n_synthetic_cases=len(syn), n_test_cases=len(test_items), notes=notes)
+                          n_synthetic_cases=len(syn), n_test_cases=len(test_items), notes=notes,
+                          n_synthetic_excluded=len(excluded), audit=audit_numbers)

@@ -8,6 +8,10 @@ The simulation passes the composed config in directly.
 Which site a ClientApp is: a deployed SuperNode says so in its node config (`site`, `data-path`,
 `state-path`, set by `aldm-fed client`); a simulated one has only a partition id, which picks the
 i-th of `fed.sites`, with the cohort at `paths.cohort` and its state in `<fed.state>/sites/<site>`.
+
+Global weights are verified before a site function sees them (`signing.open_global`), with the
+key `verifier_of` names: a deployed site's node config `signing-pub`, a simulated site's
+`<fed.state>/signing/signing.pub`.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from flwr.serverapp import Grid, ServerApp
 from aldm_fed.config import unflatten_config
 from aldm_fed.federation import site as site_fn
 from aldm_fed.federation.sharing import allow_list_mod, audit_mod
+from aldm_fed.federation.signing import Verifier, open_global, signing_paths
 from aldm_fed.log import configure_logging
 from aldm_fed.training.device import configure_threads
 
-__all__ = ["OUTGOING_LOG", "Mod", "client_app", "server_app", "site_of"]
+__all__ = ["OUTGOING_LOG", "Mod", "client_app", "server_app", "site_of", "verifier_of"]
 
 OUTGOING_LOG = "outgoing.jsonl"  # in the site's state folder: everything the site sent
 
@@ -74,6 +79,24 @@ def site_of(cfg: Any, context: Context) -> site_fn.Site:
     raise ValueError(f"node config {dict(node)} names no site; start the SuperNode with `aldm-fed client --site X`")
 
 
+def verifier_of(cfg: Any, context: Context) -> Verifier | None:
+    """The server's public signing key a ClientApp verifies global weights with.
+
+    A deployed site trusts only its own node config (`signing-pub`, set by `aldm-fed client`),
+    never a path in the run config, which the server writes; None = it runs without a key
+    (`--insecure`), and loads unverified weights with a warning. A simulated site uses
+    `<fed.state>/signing/signing.pub`, which `simulate` makes.
+
+    Raises:
+        FileNotFoundError: the key file is missing.
+        ValueError: it is not an OpenSSH Ed25519 public key.
+    """
+    node = context.node_config
+    if "site" in node:
+        return Verifier.from_file(str(node["signing-pub"])) if "signing-pub" in node else None
+    return Verifier.from_file(signing_paths(str(cfg.fed.state))[1])
+
+
 def _handle(cfg: Any, msg: Message, context: Context) -> Message:
     """Route one message to the site function of its phase."""
     configure_logging()  # a simulated site is a Ray actor: its loggers are ours to set up
@@ -81,22 +104,27 @@ def _handle(cfg: Any, msg: Message, context: Context) -> Message:
     configure_threads(cfg.device.get("num_threads"))
     config = msg.content["config"]
     phase = str(config["phase"])
+
+    def weights(groups: tuple[str, ...]) -> dict[str, Any]:
+        # Verified before any of it reaches a network or the site's disk (signing.py).
+        return open_global(msg.content, verifier_of(cfg, context), groups, site=site.name)
+
     if phase == "hello":
-        content = site_fn.hello(site)
+        content = site_fn.hello(site, cfg, config)  # also: can the site serve this run?
     elif phase == "vae":
-        content = site_fn.vae_round(cfg, site, site_fn.arrays_of(msg.content, ("vae",)),
+        content = site_fn.vae_round(cfg, site, weights(("vae",)),
                                     int(config["round"]), int(config["local-steps"]))
     elif phase == "scale":
-        content = site_fn.scale_statistics(cfg, site, site_fn.arrays_of(msg.content, ("vae",)),
+        content = site_fn.scale_statistics(cfg, site, weights(("vae",)),
                                            json.loads(str(config["meta"])))
     elif phase == "backbone":
         content = site_fn.backbone_round(
-            cfg, site, site_fn.arrays_of(msg.content, ("unet", "controlnet")),
+            cfg, site, weights(("unet", "controlnet")),
             int(config["round"]), int(config["local-steps"]),
             scale_factor=float(config["scale-factor"]), scale_sha256=str(config["scale-sha256"]),
         )
     elif phase == "local":
-        content = site_fn.local_phase(cfg, site, site_fn.arrays_of(msg.content, ("vae", "unet", "controlnet")),
+        content = site_fn.local_phase(cfg, site, weights(("vae", "unet", "controlnet")),
                                       json.loads(str(config["vae-meta"])), json.loads(str(config["meta"])))
     else:
         raise ValueError(f"unknown phase {phase!r} (server and site run different aldm-fed versions?)")

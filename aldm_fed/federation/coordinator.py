@@ -1,7 +1,8 @@
 """The server's walk through a federated run (what the ServerApp calls).
 
 1. Roll call: wait for the expected sites, ask each who it is (`hello`: name, protocol, case
-   counts); refuse duplicates, strangers and other protocol versions.
+   counts); refuse duplicates, strangers, other protocol versions, sites whose code builds
+   other network shapes and sites whose data lacks the run's modalities (`compatibility`).
 2. VAE: FedAvg rounds over the sites with source cases (`PhaseFedAvg`).
 3. Scale: every site installs the global VAE; the source sites send the count, sum and sum of
    squares of their latents; the server pools them into the one scale factor.
@@ -12,11 +13,13 @@
 Each phase resumes: a phase with a `final/` is skipped, a FedAvg phase continues after its last
 round checkpoint (`global_models.ServerState`). `status.json` in `fed.state` says where the run is
 (`running` with the phase, `done` with the report, or `failed` with the error), for the launcher
-and for people.
+and for people. Every message that carries global weights (vae, scale, backbone, local) is
+signed with the server's Ed25519 key (`signing.server_signer`); sites refuse what does not verify.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -26,15 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from aldm_fed import __version__
 from aldm_fed.checkpoints import Checkpoint, load_checkpoint, plain_config
 from aldm_fed.data.volumes import site_manifests
+from aldm_fed.federation.aggregation import RobustSettings
+from aldm_fed.federation.compatibility import encode_shapes, model_shapes, shapes_fingerprint
 from aldm_fed.federation.global_models import ServerState, backbone_meta, initial_weights, vae_meta
+from aldm_fed.federation.privacy import CentralDP, PrivacySettings, releases_before, run_privacy
 from aldm_fed.federation.records import from_array_record, to_array_record
 from aldm_fed.federation.sharing import PROTOCOL, SharingError, check_reply
-from aldm_fed.federation.strategy import FederationError, PhaseFedAvg
+from aldm_fed.federation.signing import Signer, server_signer, sign_content
+from aldm_fed.federation.strategy import FederationError, PhaseFedAvg, replies_by_node
 from aldm_fed.io import atomic_write_json
 from aldm_fed.training.artifacts import checkpoint_identity, write_final
 from aldm_fed.training.scale import LatentStats, scale_factor_from_stats
@@ -86,6 +94,7 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
     """
     state = ServerState(cfg)
     state.root.mkdir(parents=True, exist_ok=True)
+    signer = server_signer(state.root)  # signs every message that carries global weights
     status: dict[str, Any] = {"status": "running", "version": __version__, "started": _now()}
     t0 = time.monotonic()
 
@@ -94,24 +103,25 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
         atomic_write_json(state.root / STATUS_FILE, status)
 
     try:
+        PrivacySettings.from_config(cfg)  # refuse bad fed.privacy options before waiting for sites
         mark(phase="hello")
         sites = _roll_call(grid, cfg)
         source = {n: s.name for n, s in sites.items() if s.n_source > 0}
         if not source:
             raise FederationError(f"no connected site holds source cases ({[s.name for s in sites.values()]})")
-        mark(phase="vae", sites=sorted(s.name for s in sites.values()))
-        vae_ckpt = _fedavg_phase(grid, cfg, state, "vae", source, extra={})
+        mark(phase="vae", sites=sorted(s.name for s in sites.values()), privacy=run_privacy(cfg, len(source)))
+        vae_ckpt = _fedavg_phase(grid, cfg, state, "vae", source, extra={}, signer=signer)
         mark(phase="scale")
-        scale_ckpt = _scale_phase(grid, cfg, state, sites, vae_ckpt)
+        scale_ckpt = _scale_phase(grid, cfg, state, sites, vae_ckpt, signer)
         mark(phase="backbone")
         bb_ckpt = _fedavg_phase(
             grid, cfg, state, "backbone", source,
             extra={"scale-factor": float(scale_ckpt.meta["scale_factor"]),
                    "scale-sha256": checkpoint_identity(scale_ckpt)["sha256"]},
-            vae_ckpt=vae_ckpt, scale_ckpt=scale_ckpt,
+            vae_ckpt=vae_ckpt, scale_ckpt=scale_ckpt, signer=signer,
         )
         mark(phase="local")
-        results = _local_phase(grid, cfg, state, sites, vae_ckpt, bb_ckpt)
+        results = _local_phase(grid, cfg, state, sites, vae_ckpt, bb_ckpt, signer)
         report = _report(cfg, state, sites, results, time.monotonic() - t0)
         mark(status="done", phase="done", finished=_now(), report=str(report),
              seconds=round(time.monotonic() - t0, 1))
@@ -126,8 +136,12 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
 
 
 def _roll_call(grid: Grid, cfg: Any) -> dict[int, SiteInfo]:
-    """Wait for the sites, then ask who they are."""
+    """Wait for the sites, then ask who they are and whether they can serve this run
+    (`compatibility`: the shapes of the shared networks their code builds, their data)."""
     expected = expected_sites(cfg)
+    RobustSettings.from_cfg(cfg.fed)  # a bad fed.aggregation / fed.robust fails now, not after round 1
+    hello = _hello_content(cfg)
+    fingerprint = str(hello["config"]["model-sha256"])
     needed = int(cfg.fed.get("min_sites") or len(expected))
     deadline = time.monotonic() + float(cfg.fed.wait_for_sites_s)
     while len(nodes := list(grid.get_node_ids())) < needed:
@@ -139,8 +153,7 @@ def _roll_call(grid: Grid, cfg: Any) -> dict[int, SiteInfo]:
             )
         log.info("waiting for sites: %d of %d connected", len(nodes), needed)
         time.sleep(2.0)
-    config = ConfigRecord({"phase": "hello", "protocol": PROTOCOL})
-    replies = _ask(grid, nodes, MessageType.QUERY, RecordDict({"config": config}), float(cfg.fed.round_timeout_s))
+    replies = _ask(grid, nodes, MessageType.QUERY, hello, float(cfg.fed.round_timeout_s))
     sites: dict[int, SiteInfo] = {}
     for node, msg in replies.items():
         if msg.has_error():
@@ -153,6 +166,12 @@ def _roll_call(grid: Grid, cfg: Any) -> dict[int, SiteInfo]:
                 f"site {name} speaks protocol {info['protocol']} (aldm-fed {info.get('version')}), this "
                 f"server {PROTOCOL} (aldm-fed {__version__}); install the same aldm-fed version everywhere"
             )
+        if str(info.get("model-sha256", "")) != fingerprint:  # the site checks first, naming the key
+            raise FederationError(
+                f"site {name} builds the shared networks with other shapes than this server (model "
+                f"fingerprint {str(info.get('model-sha256', 'none'))[:12]}, here {fingerprint[:12]}); "
+                f"install the same aldm-fed and MONAI versions everywhere"
+            )
         if name not in expected:
             raise FederationError(f"site {name!r} connected but is not one of fed.sites={expected}")
         if name in {s.name for s in sites.values()}:
@@ -161,6 +180,15 @@ def _roll_call(grid: Grid, cfg: Any) -> dict[int, SiteInfo]:
     for s in sorted(sites.values(), key=lambda s: s.name):
         log.info("site %s: %d source, %d target, %d test cases", s.name, s.n_source, s.n_target, s.n_test)
     return sites
+
+
+def _hello_content(cfg: Any) -> RecordDict:
+    """The roll call's question: protocol and the shapes of the shared networks (built on the meta
+    device: no weights)."""
+    shapes = model_shapes(cfg)
+    return RecordDict({"config": ConfigRecord({"phase": "hello", "protocol": PROTOCOL,
+                                               "model-sha256": shapes_fingerprint(shapes),
+                                               "model-shapes": encode_shapes(shapes)})})
 
 
 def _fedavg_phase(
@@ -173,6 +201,7 @@ def _fedavg_phase(
     extra: Mapping[str, Any],
     vae_ckpt: Checkpoint | None = None,
     scale_ckpt: Checkpoint | None = None,
+    signer: Signer | None = None,
 ) -> Checkpoint:
     """FedAvg rounds of `phase`, resumed from the last round; then the global `final/`.
 
@@ -184,6 +213,9 @@ def _fedavg_phase(
     rounds, local_steps = int(settings.rounds), int(settings.local_steps)
     inputs = ({} if phase == "vae" else
               {"vae": checkpoint_identity(vae_ckpt), "scale": checkpoint_identity(scale_ckpt)})
+    dp = PrivacySettings.from_config(cfg).dp
+    if dp.enabled:  # other DP settings start the phase over (its epsilon assumes one setting)
+        inputs["privacy"] = {"dp": dataclasses.asdict(dp)}
     final = state.layout.final(phase)
     if (final / "meta.json").is_file():
         fed = json.loads((final / "meta.json").read_text()).get("federated", {})
@@ -207,10 +239,17 @@ def _fedavg_phase(
 
     if done < rounds:
         initial = to_array_record(groups)
-        strategy = PhaseFedAvg(
-            phase, nodes, expected={k: tuple(a.shape) for k, a in initial.items()},
-            on_round=on_round, round_offset=done, min_replies=int(cfg.fed.min_replies),
-        )
+        def build(callback: Any) -> PhaseFedAvg:
+            return PhaseFedAvg(
+                phase, nodes, expected={k: tuple(a.shape) for k, a in initial.items()},
+                on_round=callback, round_offset=done, min_replies=int(cfg.fed.min_replies), signer=signer,
+                robust=RobustSettings.from_cfg(cfg.fed),
+            )
+
+        # Central DP noises each aggregate before `on_round` checkpoints it (privacy.CentralDP).
+        strategy = (CentralDP(build, dp, on_round, population=len(nodes),
+                              releases_before=releases_before(cfg, phase))
+                    if dp.enabled else build(on_round))
         strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=rounds - done,
             timeout=float(cfg.fed.round_timeout_s),
@@ -234,7 +273,8 @@ def _fedavg_phase(
 
 
 def _scale_phase(
-    grid: Grid, cfg: Any, state: ServerState, sites: Mapping[int, SiteInfo], vae_ckpt: Checkpoint
+    grid: Grid, cfg: Any, state: ServerState, sites: Mapping[int, SiteInfo], vae_ckpt: Checkpoint,
+    signer: Signer | None = None,
 ) -> Checkpoint:
     """Install the global VAE everywhere; pool the source sites' latent sums into the factor."""
     final = state.layout.final("scale")
@@ -243,14 +283,14 @@ def _scale_phase(
         if meta.get("sources", {}).get("vae") == checkpoint_identity(vae_ckpt):
             log.info("[scale] already complete: %s", final)
             return load_checkpoint(final)
-    content = RecordDict({
+    content = sign_content(signer, RecordDict({
         "arrays": to_array_record(vae_ckpt.tensors),
         "config": ConfigRecord({"phase": "scale", "meta": json.dumps(vae_ckpt.meta)}),
-    })
+    }))
     replies = _ask(grid, list(sites), MessageType.QUERY, content, float(cfg.fed.round_timeout_s))
     parts, used = [], []
     for node, msg in replies.items():
-        name = sites[node].name
+        name = sites[node].name if node in sites else f"node {node}"
         if msg.has_error():
             log.warning("[scale] site %s failed: %s", name, _reason(msg))
             continue
@@ -286,16 +326,17 @@ def _local_phase(
     sites: Mapping[int, SiteInfo],
     vae_ckpt: Checkpoint,
     bb_ckpt: Checkpoint,
+    signer: Signer | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every site adapts, synthesizes and evaluates locally; collect their metrics."""
     # The VAE travels again so that a site that lost its state (or joined late) can still adapt.
-    content = RecordDict({
+    content = sign_content(signer, RecordDict({
         "arrays": to_array_record({**vae_ckpt.tensors, **bb_ckpt.tensors}),
         "config": ConfigRecord({"phase": "local", "vae-meta": json.dumps(vae_ckpt.meta),
                                 "meta": json.dumps(bb_ckpt.meta)}),
-    })
+    }))
     t0 = time.monotonic()
-    replies = _ask(grid, list(sites), MessageType.EVALUATE, content, float(cfg.fed.round_timeout_s))
+    replies = _ask_until_back(grid, cfg, sites, content)
     results: dict[str, dict[str, Any]] = {}
     for node, info in sites.items():
         msg = replies.get(node)
@@ -328,6 +369,7 @@ def _report(cfg: Any, state: ServerState, sites: Mapping[int, SiteInfo], results
                   for s in sorted(sites.values(), key=lambda s: s.name)},
         "phases": plain_config(cfg.fed.phases),
         "rounds": state.rounds(),
+        "privacy": run_privacy(cfg, sum(s.n_source > 0 for s in sites.values())),
         "seconds": round(seconds, 1),
         "global_models": {p: str(state.layout.final(p)) for p in ("vae", "scale", "backbone")},
     }
@@ -336,10 +378,52 @@ def _report(cfg: Any, state: ServerState, sites: Mapping[int, SiteInfo], results
     return Path(paths["md"]) if "md" in paths else next(iter(paths.values()))
 
 
+# Replies that mean the site's process went away (killed, crashed, disconnected), not that its work
+# failed: the site, restarted, resumes the work from its disk, so the message is worth sending again.
+_LOST = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                   ErrorCode.NODE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED})
+_MAX_SENDS = 3
+
+
+def _ask_until_back(grid: Grid, cfg: Any, sites: Mapping[int, SiteInfo], content: RecordDict) -> dict[int, Message]:
+    """The local phase's request to every site; a site whose process was lost gets it again once
+    it answers a roll call again (within `fed.rejoin_wait_s`, and `fed.round_timeout_s` in all; at
+    most `_MAX_SENDS` times, so a site that crashes on every try cannot hold the run).
+
+    A roll-call answer, not `grid.get_node_ids()`, tells that a site is back: the SuperLink lists
+    registered nodes before their SuperNode has reconnected.
+    """
+    deadline = time.monotonic() + float(cfg.fed.round_timeout_s)
+    rejoin = float(cfg.fed.get("rejoin_wait_s", 0) or 0)
+    replies: dict[int, Message] = {}
+    pending = list(sites)
+    for _ in range(_MAX_SENDS):
+        got = _ask(grid, pending, MessageType.EVALUATE, content, max(1.0, deadline - time.monotonic()))
+        replies.update(got)
+        lost = [n for n in pending if n not in got or (got[n].has_error() and got[n].error.code in _LOST)]
+        if not lost or rejoin <= 0:
+            break
+        names = sorted(sites[n].name for n in lost)
+        log.warning("[local] site(s) %s went away mid-phase; waiting up to %.0f s (fed.rejoin_wait_s) for them "
+                    "to reconnect and resume from their disk", names, rejoin)
+        until = min(deadline, time.monotonic() + rejoin)
+        hello, pending = _hello_content(cfg), []
+        while time.monotonic() < until and not pending:
+            time.sleep(5.0)
+            probe = _ask(grid, lost, MessageType.QUERY, hello, max(1.0, min(60.0, until - time.monotonic())))
+            pending = [n for n, m in probe.items() if not m.has_error()]
+        if not pending:
+            break
+        log.info("[local] site(s) %s reconnected: sending the local phase again",
+                 sorted(sites[n].name for n in pending))
+    return replies
+
+
 def _ask(grid: Grid, nodes: list[int], kind: str, content: RecordDict, timeout: float) -> dict[int, Message]:
     """Send the same content to `nodes`; their replies by node id (missing: no reply in time)."""
     messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in nodes]
-    return {m.metadata.src_node_id: m for m in grid.send_and_receive(messages, timeout=timeout)}
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    return replies_by_node(messages, replies)
 
 
 def _reason(msg: Message) -> str:

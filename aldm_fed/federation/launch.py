@@ -28,7 +28,13 @@ from typing import TextIO
 from omegaconf import DictConfig
 
 from aldm_fed.federation.app_bundle import stage_app
-from aldm_fed.federation.processes import LOOPBACK, check_files, host_port, tcp_reachable
+from aldm_fed.federation.processes import (
+    LOOPBACK,
+    check_files,
+    host_port,
+    tcp_reachable,
+    tls_mismatch,
+)
 from aldm_fed.federation.superlink import (
     DEFAULT_PORT,
     RunStatus,
@@ -40,7 +46,7 @@ from aldm_fed.federation.superlink import (
 )
 from aldm_fed.federation.supernode import SuperNode, start_supernode
 
-__all__ = ["client_command", "run_client", "run_server", "site_files"]
+__all__ = ["client_command", "run_client", "run_server", "signing_pub_file", "site_files"]
 
 _RETRY_S = 5.0  # `aldm-fed client`: pause before restarting a SuperNode that could not join
 _EARLY_EXIT_S = 60.0  # a SuperNode exiting sooner than this after its start did not join
@@ -49,7 +55,8 @@ _EARLY_EXIT_S = 60.0  # a SuperNode exiting sooner than this after its start did
 def client_command(site: str, server: str, *, insecure: bool = False) -> str:
     """The `aldm-fed client` command line a site runs to join; COHORT_DIR stands for its data."""
     args = ["aldm-fed", "client", "--site", site, "--data", "COHORT_DIR", "--server", server]
-    args += ["--insecure"] if insecure else ["--ca", "ca.crt", "--key", f"{site}.key"]
+    tls = ["--ca", "ca.crt", "--key", f"{site}.key", "--signing-pub", "signing.pub"]
+    args += ["--insecure"] if insecure else tls
     return shlex.join(args)
 
 
@@ -70,8 +77,10 @@ def run_server(
     Args:
         cfg: the composed config; its paths are made absolute here, and it travels as the run
             config. The sites are `fed.sites`, or every `sites/*.pub` of the certificates.
-        certs: the folder made by `aldm-fed certs` (ca.crt, server.crt, server.key, sites/*.pub);
-            required unless `insecure`.
+        certs: the folder made by `aldm-fed certs` (ca.crt, server.crt, server.key, sites/*.pub,
+            signing.key/.pub: the global models are signed with signing.key); required unless
+            `insecure`. Without it the run signs with a key pair of its own in
+            `<fed.state>/signing/`, whose signing.pub sites must be given to verify.
         host: the address the SuperLink listens on (see `superlink`'s note on the Control API).
         port: its port.
         insecure: plaintext and no node authentication (closed test networks only).
@@ -91,6 +100,7 @@ def run_server(
     """
     from aldm_fed.config import absolute_paths, flatten_config
     from aldm_fed.federation.security import load_certificate_set
+    from aldm_fed.federation.signing import ensure_signing_pair, install_signing_pair
 
     cfg = absolute_paths(cfg)
     state = Path(str(cfg.fed.state))
@@ -101,6 +111,11 @@ def run_server(
             "WARNING: --insecure: traffic is NOT encrypted and ANY SuperNode may join (no node"
             " authentication). Use only on a closed test network."
         )
+        _, pub = ensure_signing_pair(state)
+        echo(
+            "WARNING: --insecure: the global models are signed with a key of this run only; sites"
+            f" verify them only when started with --signing-pub {pub} (a copy of it)"
+        )
     else:
         if certs is None:
             raise ValueError(
@@ -109,6 +124,8 @@ def run_server(
             )
         cert_set = load_certificate_set(certs, sites)
         tls = ServerTls(cert_set.ca_cert, cert_set.server_cert, cert_set.server_key)
+        # The ServerApp (another process) signs with the pair in fed.state (signing.server_signer).
+        install_signing_pair(cert_set.signing_key, cert_set.signing_pub, state)
         public_keys = {site: keys.public for site, keys in cert_set.site_keys.items()}
         if sites is not None:
             public_keys = {site: public_keys[site] for site in sites}
@@ -131,7 +148,7 @@ def run_server(
             state_text = "registered" if node_id is not None else "already registered"
             echo(f"site {site}: key {public_keys[site]} {state_text}")
         server = host_port(_advertised_host(host, tls, echo), port)
-        files = "" if insecure else "; give site S the files ca.crt and sites/S.key"
+        files = "" if insecure else "; give site S the files ca.crt, signing.pub and sites/S.key"
         echo(f"each site joins with (COHORT_DIR: its case folders + manifests/{files}):")
         for site in sites or sorted(public_keys) or ["SITE"]:
             echo(f"  {client_command(site, server, insecure=insecure)}")
@@ -184,6 +201,7 @@ def run_client(
     ca_cert: str | os.PathLike[str] | None = None,
     private_key: str | os.PathLike[str] | None = None,
     insecure: bool = False,
+    signing_pub: str | os.PathLike[str] | None = None,
     port: int | None = None,
     max_wait_s: float = 120.0,
     join_wait_s: float = 600.0,
@@ -204,6 +222,9 @@ def run_client(
         ca_cert: the federation's CA certificate (TLS); required unless `insecure`.
         private_key: the site's SuperNode key (required with TLS: the server authenticates nodes).
         insecure: plaintext, for a server started with --insecure.
+        signing_pub: the server's model-signing public key (signing.pub); the site refuses
+            global weights it did not sign. Required with TLS; with `insecure` optional (without
+            it the site loads unverified weights, with a warning).
         port: the SuperNode's local Runtime API port (default: a free one).
         max_wait_s: how long the SuperLink may be unreachable (also at the start) before stopping.
         join_wait_s: how long a SuperNode that stops before joining (e.g. the server has not
@@ -212,10 +233,11 @@ def run_client(
 
     Returns:
         0 when the server went away after the site had reached it, 1 if it was never reached,
-        else the exit code of the SuperNode where it stopped by itself (e.g. 1: key refused).
+        1 as well when its TLS setting does not match the server's (plaintext against TLS, another
+        CA), else the exit code of the SuperNode where it stopped by itself (e.g. 1: key refused).
 
     Raises:
-        FileNotFoundError: the data folder, its manifest, the CA or the key is missing.
+        FileNotFoundError: the data folder, its manifest, the CA, the key or signing.pub is missing.
         ValueError: inconsistent TLS options or a malformed `server`.
     """
     data_path = Path(data).resolve()
@@ -226,13 +248,28 @@ def run_client(
         raise FileNotFoundError(f"{manifest}: no manifest for site {site!r} in the data folder")
     if not insecure and private_key is None:
         raise ValueError("the server authenticates sites: give the site's key (--key or --certs)")
+    for path in (ca_cert, private_key):
+        if path is not None:
+            check_files(Path(path))
+    if signing_pub is not None:
+        from aldm_fed.federation.signing import Verifier  # imports torch: only when needed
+
+        Verifier.from_file(signing_pub)  # fail here, not at the first global model
+    elif not insecure:
+        raise ValueError(
+            "the site verifies the global models it receives: give the server's signing.pub"
+            " (--signing-pub FILE, or --certs DIR holding it)"
+        )
+    else:
+        echo(f"WARNING: site {site} has no --signing-pub: it will load global models WITHOUT verifying"
+             " the server's signature")
     host, sep, port_text = server.rpartition(":")
     if not sep or not host or not port_text.isdigit():
         raise ValueError(f"--server {server!r}: expected HOST:PORT")
     def start() -> SuperNode:
         return start_supernode(
             server, site=site, data_path=data_path, state_path=state, ca_cert=ca_cert,
-            private_key=private_key, insecure=insecure, port=port,
+            private_key=private_key, insecure=insecure, signing_pub=signing_pub, port=port,
         )
 
     node = start()
@@ -259,6 +296,11 @@ def run_client(
                 echo(f"site {site}: SuperNode exited with code {code}")
                 return code
             if tcp_reachable(server):
+                # Flower's SuperNode retries a TLS mismatch forever: check it once, say what it is.
+                if not reached and (problem := tls_mismatch(server, None if insecure else ca_cert)):
+                    echo(f"site {site}: {problem}; stopping")
+                    node.stop()
+                    return 1
                 reached, last_seen = True, time.monotonic()
             elif time.monotonic() - last_seen > max_wait_s:
                 echo(f"site {site}: the SuperLink at {server} has been unreachable for {max_wait_s:.0f} s; stopping")
@@ -287,3 +329,19 @@ def site_files(certs: str | os.PathLike[str], site: str) -> tuple[Path, Path]:
         if key.is_file():
             return ca, key
     raise FileNotFoundError(f"{keys[0]}: no SuperNode key for site {site!r} (nor {keys[1]})")
+
+
+def signing_pub_file(certs: str | os.PathLike[str]) -> Path:
+    """The server's model-signing public key in a certificates folder (`aldm-fed certs`' folder,
+    or the copy a site received): `<certs>/signing.pub`.
+
+    Raises:
+        FileNotFoundError: it is missing (the message says what it is for).
+    """
+    path = Path(certs) / "signing.pub"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no signing.pub, the server's public key that global models are verified with;"
+            " copy it from the server's certificates folder (or give --signing-pub FILE)"
+        )
+    return path

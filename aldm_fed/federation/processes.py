@@ -6,20 +6,28 @@ process runs in its own session: Ctrl-C at the terminal reaches only us, and we 
 with its whole process group. FLWR_HOME points into the state folder (the `flwr` CLI's connection
 file, the app bundles Flower unpacks), telemetry and update checks are off (hospitals' machines
 must not call out, and the update check keeps a process alive until it times out offline).
+
+A Flower process in a session of its own outlives a parent that is killed outright (`kill -9`, the
+OOM killer): the SuperLink would keep the port (the same `aldm-fed server` command could not start
+again) and its ServerApp would drive the run unattended. On Linux each child therefore asks the
+kernel for SIGTERM when its parent dies (`prctl(PR_SET_PDEATHSIG)`), which Flower handles as a
+graceful stop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,8 @@ __all__ = [
     "binary",
     "check_files",
     "check_port_free",
+    "descendants",
+    "die_with_parent",
     "flower_env",
     "free_port",
     "interrupt_on_sigterm",
@@ -38,6 +48,7 @@ __all__ = [
     "stop_group",
     "tail",
     "tcp_reachable",
+    "tls_mismatch",
 ]
 
 # The wildcard addresses a server may bind -> the loopback address this machine reaches it by.
@@ -99,13 +110,41 @@ def binary(name: str, env: Mapping[str, str]) -> str:
 
 
 def popen(command: list[str], env: Mapping[str, str], output: Any) -> subprocess.Popen[bytes]:
-    """Start `command` in a session of its own, stdout and stderr to `output` (None: ours)."""
+    """Start `command` in a session of its own, stdout and stderr to `output` (None: ours).
+
+    On Linux, and when called from the main thread, the child gets SIGTERM if this process dies
+    without stopping it (see the module docstring).
+    """
     # A session of its own: the terminal's Ctrl-C reaches only us, and the group can be stopped
     # as a whole (Flower's processes start children of their own).
     return subprocess.Popen(
         command, env=dict(env), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        # preexec_fn only calls prctl/getppid/kill: nothing a lock held by another thread guards.
+        start_new_session=True, preexec_fn=die_with_parent(),  # noqa: PLW1509
     )
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child receive SIGTERM when this process dies; None where
+    that cannot be had (not Linux) or would misfire (Linux signals the death of the creating
+    THREAD, so only the main thread, which lives as long as the process, may use it)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def stop_group(process: subprocess.Popen[Any], timeout: float) -> int:
@@ -116,7 +155,7 @@ def stop_group(process: subprocess.Popen[Any], timeout: float) -> int:
     are tracked because Flower starts the SuperLink's SuperExec in a session of its own, and its
     ServerApp, left alone, retries the vanished SuperLink for seconds before it gives up.
     """
-    tree = _descendants(process.pid)
+    tree = descendants(process.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -161,7 +200,7 @@ def _proc_stat(pid: int | str) -> list[str] | None:
     return stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and ")"
 
 
-def _descendants(pid: int) -> list[tuple[int, str]]:
+def descendants(pid: int) -> list[tuple[int, str]]:
     """(pid, start time) of every descendant of `pid` now; empty where there is no /proc."""
     children: dict[int, list[tuple[int, str]]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
@@ -229,3 +268,50 @@ def tcp_reachable(address: str, timeout: float = 2.0) -> bool:
             return True
     except (OSError, ValueError):
         return False
+
+
+def tls_mismatch(address: str, ca_cert: str | os.PathLike[str] | None, timeout: float = 5.0) -> str | None:
+    """Why a client cannot talk to the server at `address` with this TLS setting, or None.
+
+    A SuperNode whose TLS does not match the SuperLink's (a plaintext client against a TLS
+    server, a CA that did not sign the server's certificate) only logs "Connection attempt
+    failed, retrying" and retries forever; this handshake tells the two cases apart at once.
+
+    Args:
+        address: HOST:PORT of the server.
+        ca_cert: the CA the client trusts; None for a plaintext (--insecure) client.
+        timeout: seconds for the connection and the handshake.
+
+    Returns:
+        A message saying what does not match and how to fix it; None when the setting fits, or
+        when the server cannot be reached (nothing to say yet).
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        raw = socket.create_connection((host, int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return None
+    with raw:
+        if ca_cert is None:
+            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            probe.check_hostname = False
+            probe.verify_mode = ssl.CERT_NONE
+            try:
+                with probe.wrap_socket(raw, server_hostname=host):
+                    pass
+            except (ssl.SSLError, OSError):
+                return None  # no TLS handshake: a plaintext server, as the client expects
+            return (f"the server at {address} speaks TLS but this client is plaintext (--insecure): give it"
+                    " the federation's CA and its key (--certs DIR, or --ca FILE --key FILE)")
+        context = ssl.create_default_context(cafile=str(ca_cert))
+        try:
+            with context.wrap_socket(raw, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            return (f"the server at {address} presented a certificate that does not verify against"
+                    f" {ca_cert} ({exc.verify_message}): use the ca.crt of the server's federation, and a"
+                    f" server certificate that lists {host} (aldm-fed certs --host {host})")
+        except (ssl.SSLError, OSError) as exc:
+            return (f"no TLS handshake with the server at {address} ({exc}): is it running with"
+                    " --insecure? Then this client needs --insecure too (closed test networks only)")

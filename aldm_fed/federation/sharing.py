@@ -6,11 +6,11 @@ shared networks), a MetricRecord "metrics" (finite scalar numbers) and a ConfigR
 
 | phase | arrays (groups) | metrics | config |
 |---|---|---|---|
-| hello | - | n-source, n-target, n-test | site, protocol, version |
+| hello | - | n-source, n-target, n-test | site, protocol, version, model-sha256 |
 | vae | vae | num-examples + training scalars | - |
 | scale | - | num-examples, latent-count, latent-sum, latent-sum-sq | - |
 | backbone | unet, controlnet | num-examples + training scalars | - |
-| local | - | adaptation, synthesis and classifier scalars | - |
+| local | - | adaptation, synthesis, memorisation-audit (`audit.*`) and classifier scalars | - |
 
 Never: images, latents, masks, case ids, file paths, the site's own ControlNet, its classifier or
 its discriminator. Metric names must fully match fixed names (the local phase's classifier numbers
@@ -38,6 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from aldm_fed.evaluation.site import METRIC_KEY_PATTERN
 from aldm_fed.federation.records import group_of
+from aldm_fed.synthesis.audit import AUDIT_KEY_PATTERN
 
 __all__ = [
     "ALLOW_LIST",
@@ -52,7 +53,7 @@ __all__ = [
     "site_reply",
 ]
 
-PROTOCOL = 1  # bumped whenever the messages below change; the hello phase compares it
+PROTOCOL = 2  # bumped whenever the messages below change; the hello phase compares it
 
 _TRAIN_SCALARS = ("loss", "l1", "kl", "perceptual", "adv_g", "adv_d", "grad_norm", "steps")
 
@@ -76,12 +77,13 @@ class PhaseRule:
 
 
 ALLOW_LIST: dict[str, PhaseRule] = {
-    "hello": PhaseRule(metrics=r"n-(source|target|test)", config=("site", "protocol", "version")),
+    "hello": PhaseRule(metrics=r"n-(source|target|test)", config=("site", "protocol", "version", "model-sha256")),
     "vae": PhaseRule(groups=("vae",), metrics=rf"num-examples|{'|'.join(_TRAIN_SCALARS)}"),
     "scale": PhaseRule(metrics=r"num-examples|latent-(count|sum|sum-sq)"),
     "backbone": PhaseRule(groups=("unet", "controlnet"), metrics=rf"num-examples|{'|'.join(_TRAIN_SCALARS)}"),
     "local": PhaseRule(  # the classifier's numbers: aldm_fed.evaluation.site.SiteEvaluation.metrics
         metrics=rf"adapt\.({'|'.join(_TRAIN_SCALARS)})|synthesis\.n_volumes|n_(source|target|test)_cases"
+        rf"|{AUDIT_KEY_PATTERN.pattern}"  # the audit's counts and ratio statistics, never an id
         rf"|{METRIC_KEY_PATTERN.pattern}"
     ),
 }

@@ -4,6 +4,10 @@ same ServerApp and ClientApp as a deployment, on the embedded phantom cohort by 
 Each simulated site is its own Ray actor with `fed.simulation.cpus_per_site` CPUs and its own
 state folder (`<fed.state>/sites/<site>`); they share only the cohort folder, from which each
 reads its own manifest and cases. Progress: one log line per round and per site step.
+
+The global models are signed and verified as in a deployment: the run makes its own signing
+pair in `<fed.state>/signing/` (private key 0600; `signing.ensure_signing_pair`), the server
+signs with it and every simulated site verifies with its public half.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from aldm_fed.config import absolute_paths
 from aldm_fed.federation.apps import Mod, client_app, server_app
 from aldm_fed.federation.coordinator import STATUS_FILE, expected_sites
+from aldm_fed.federation.signing import ensure_signing_pair
 from aldm_fed.federation.strategy import FederationError
 
 __all__ = ["simulate"]
@@ -66,6 +71,7 @@ def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True) -> di
         cfg.device.num_threads = max(1, int(cpus))  # one actor per core pair must not oversubscribe
     status_path = Path(cfg.fed.state) / STATUS_FILE
     status_path.unlink(missing_ok=True)
+    ensure_signing_pair(cfg.fed.state)  # no certificates here: the run's own key pair
     log.info("simulating sites %s (%s CPU each); state in %s", list(cfg.fed.sites), cpus, cfg.fed.state)
     # Flower's Ray backend writes this process's sys.path into os.environ["PYTHONPATH"] for its
     # actors and leaves it there; every later child process of ours would inherit it.

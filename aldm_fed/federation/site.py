@@ -85,14 +85,56 @@ class Site:
         return {split: len(manifest.cases(split)) for split in ("source", "target", "test")}
 
 
-def hello(site: Site) -> RecordDict:
-    """Who the site is and what it holds (case counts only), for the server's roll call."""
-    counts = site.counts()
-    return site_reply(
-        "hello",
-        metrics={f"n-{k}": v for k, v in counts.items()},
-        config={"site": site.name, "protocol": PROTOCOL, "version": __version__},
+def hello(site: Site, cfg: Any | None = None, request: Mapping[str, Any] | None = None) -> RecordDict:
+    """Who the site is and what it holds (case counts only), for the server's roll call.
+
+    When the server sends the shapes of the shared networks (`request["model-shapes"]`), the site
+    first checks that it can serve the run (`compatibility`): its code builds the same shapes from
+    the run config, and its data holds every manifest case with the run's modalities. Its reply
+    then carries the fingerprint of its own shapes (`model-sha256`), which the server compares.
+
+    Args:
+        site: the site.
+        cfg: the run's composed config (None: no compatibility check, as protocol 1 did).
+        request: the server's hello config ("protocol", "model-sha256", "model-shapes").
+
+    Raises:
+        FederationError: the site cannot serve the run; the message names the site and the first
+            differing network key or the cases whose files are missing.
+    """
+    from aldm_fed.federation.compatibility import (
+        data_problems,
+        decode_shapes,
+        model_shapes,
+        shape_mismatches,
+        shapes_fingerprint,
     )
+    from aldm_fed.federation.strategy import FederationError
+
+    counts = site.counts()
+    config: dict[str, str | int] = {"site": site.name, "protocol": PROTOCOL, "version": __version__}
+    if cfg is not None and request is not None and "model-shapes" in request:
+        if int(request.get("protocol", PROTOCOL)) != PROTOCOL:
+            # the server names the mismatch (both versions) once it reads the reply
+            return site_reply("hello", metrics={f"n-{k}": v for k, v in counts.items()}, config=config)
+        scfg = site.config(cfg)
+        shapes = model_shapes(scfg)
+        fingerprint = shapes_fingerprint(shapes)
+        if fingerprint != str(request.get("model-sha256")):
+            diff = shape_mismatches(decode_shapes(str(request["model-shapes"])), shapes)
+            raise FederationError(
+                f"site {site.name}: the shared networks this site builds from the run config differ from "
+                f"the server's in {len(diff)} key(s), first {diff[0] if diff else 'none (fingerprint only)'}; "
+                f"install the same aldm-fed and MONAI versions as the server"
+            )
+        problems = data_problems(site.data, site.name, list(scfg.data.modalities))
+        if problems:
+            raise FederationError(
+                f"site {site.name}: its data cannot serve this run (data.modalities="
+                f"{list(scfg.data.modalities)}): {len(problems)} problem(s), e.g. {'; '.join(problems[:3])}"
+            )
+        config["model-sha256"] = fingerprint
+    return site_reply("hello", metrics={f"n-{k}": v for k, v in counts.items()}, config=config)
 
 
 def _round_config(cfg: DictConfig, phase: str, rnd: int, local_steps: int) -> DictConfig:
@@ -253,6 +295,8 @@ def local_phase(
     if steps.synthesize:
         summary = synthesize_site(scfg, site.name, progress=False)
         metrics["synthesis.n_volumes"] = len(summary.ids)
+        if summary.audit is not None:  # ran here, at the site: only its counts and statistics leave
+            metrics |= summary.audit.summary()
         log.info("site %s: synthesis done", site.name)
     if steps.evaluate and counts["test"] > 0:
         evaluation = evaluate_site(scfg, site.name, progress=False)

@@ -38,6 +38,7 @@ from aldm_fed.federation.processes import (
     binary,
     check_files,
     check_port_free,
+    die_with_parent,
     flower_env,
     host_port,
     popen,
@@ -420,6 +421,8 @@ def _stream_log(link: SuperLink, run_id: int, out: TextIO, skip: int, deadline: 
     stream = subprocess.Popen(
         command, env=env, cwd=link.flwr_home, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+        # An orphaned stream would hold the SuperLink's shutdown open (see processes.die_with_parent).
+        preexec_fn=die_with_parent(),  # noqa: PLW1509
     )
     seen = [0]
 

@@ -1,7 +1,7 @@
 """A site's SuperNode: start `flower-supernode`, as Flower 1.42 wants it:
 
     flower-supernode --superlink H:P --root-certificates ca.crt --auth-supernode-private-key S.key
-        --node-config "site='S' data-path='...' state-path='...'" --port <free port>
+        --node-config "site='S' data-path='...' state-path='...' signing-pub='...'" --port <free port>
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def start_supernode(
     ca_cert: str | os.PathLike[str] | None = None,
     private_key: str | os.PathLike[str] | None = None,
     insecure: bool = False,
+    signing_pub: str | os.PathLike[str] | None = None,
     port: int | None = None,
     max_wait_s: float | None = None,
     log_path: str | os.PathLike[str] | None = None,
@@ -68,7 +69,8 @@ def start_supernode(
     """Start `flower-supernode` for one site.
 
     Its ClientApps get `context.node_config == {"site": site, "data-path": ..., "state-path": ...}`
-    (absolute paths). FLWR_HOME is `<state_path>/flwr`, where Flower unpacks the app bundles.
+    (absolute paths), plus `"signing-pub"` when `signing_pub` is given. FLWR_HOME is
+    `<state_path>/flwr`, where Flower unpacks the app bundles.
 
     Args:
         superlink: the SuperLink's Fleet API as HOST:PORT.
@@ -78,6 +80,8 @@ def start_supernode(
         ca_cert: the CA that verifies the SuperLink (TLS); required unless `insecure`.
         private_key: the site's SuperNode key (OpenSSH private key) for node authentication.
         insecure: plaintext HTTP to the SuperLink (no TLS, hence no node authentication).
+        signing_pub: the server's model-signing public key (signing.pub): the site's ClientApps
+            refuse global weights it did not sign. None = they load them unverified (warning).
         port: the local Runtime API port (default: a free one, so sites can share a machine).
         max_wait_s: give up after this long without reaching the SuperLink (None: never).
         log_path: file for the SuperNode's output (None: this process's standard output).
@@ -87,7 +91,7 @@ def start_supernode(
 
     Raises:
         ValueError: TLS and `insecure` both or neither given, or a key without TLS.
-        FileNotFoundError: the CA or key file is missing.
+        FileNotFoundError: the CA, key or signing.pub file is missing.
         LaunchError: `flower-supernode` is not installed.
     """
     if insecure == (ca_cert is not None):
@@ -100,6 +104,9 @@ def start_supernode(
     env = flower_env(flwr_home)
     port = port if port is not None else free_port()
     node_config = {"site": site, "data-path": str(Path(data_path).resolve()), "state-path": str(state)}
+    if signing_pub is not None:
+        check_files(Path(signing_pub))
+        node_config["signing-pub"] = str(Path(signing_pub).resolve())
     command = [binary("flower-supernode", env), "--superlink", superlink]
     if insecure:
         command.append("--insecure")

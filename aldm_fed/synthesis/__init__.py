@@ -7,10 +7,13 @@ generated for them, written as BraTS-2023-style case folders with a manifest.
 - `site`: the stage for one site from a composed config (`synthesize_site`, what the CLI calls).
 - `writer`: the output folder layout (case folders, `synthesis.json`, `labels.csv`).
 - `montage`: the PNG of synthetic cases next to their real hosts.
+- `audit`: the memorisation audit of a synthesis run (`audit_site`: nearest real case per volume,
+  near-copies flagged in `audit.json`).
 """
 
 from __future__ import annotations
 
+from aldm_fed.synthesis.audit import AuditResult, AuditSettings, audit_site, audit_synthesis, read_audit
 from aldm_fed.synthesis.config import MaskAugConfig, SynthesisConfig, mask_aug_config, synthesis_config
 from aldm_fed.synthesis.errors import SynthesisError
 from aldm_fed.synthesis.masks import (
@@ -39,6 +42,8 @@ from aldm_fed.synthesis.writer import (
 )
 
 __all__ = [
+    "AuditResult",
+    "AuditSettings",
     "LABELS_NAME",
     "MANIFEST_NAME",
     "MONTAGE_NAME",
@@ -53,11 +58,14 @@ __all__ = [
     "SynthesisSummary",
     "SyntheticMask",
     "assign_cases",
+    "audit_site",
+    "audit_synthesis",
     "augment_mask",
     "case_files",
     "make_masks",
     "mask_aug_config",
     "modality_suffixes",
+    "read_audit",
     "read_record",
     "sampling_settings",
     "site_config",

@@ -27,9 +27,10 @@ the device's batch composition or which cases a resumed run still had to make. T
 (DDPM, DDIM with eta > 0) also draw noise at every step, from a generator seeded by the batch's
 first index: their cases are reproducible for the same batches only.
 
-Each `record.json` (and `synthesis.json`'s `samples`) holds an `extra` object, empty here: later
-audits (e.g. the memorisation check against the nearest real training case) add their per-sample
-results there without changing the rest of the record.
+Each `record.json` (and `synthesis.json`'s `samples`) holds an `extra` object, empty here. The
+memorisation audit (`aldm_fed.synthesis.audit`, run by `synthesize_site`) does NOT write there: a
+record's hash identifies the case in classifier runs, so the audit keeps its per-sample results in
+`audit.json` / `audit.csv` beside the cases instead.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from aldm_fed.data.cache import CacheError, CachedCase, CaseCache
 from aldm_fed.diffusion.pipeline import GenerativeModels, generate
 from aldm_fed.diffusion.schedulers import default_num_steps
 from aldm_fed.models._cfg import as_plain_dict
+from aldm_fed.synthesis.audit import AuditResult
 from aldm_fed.synthesis.config import SynthesisConfig, synthesis_config
 from aldm_fed.synthesis.errors import SynthesisError
 from aldm_fed.synthesis.masks import SyntheticMask, make_masks
@@ -59,7 +60,7 @@ from aldm_fed.synthesis.writer import (
     MONTAGE_NAME,
     case_files,
     modality_suffixes,
-    read_record,
+    resume_records,
     write_labels_csv,
     write_manifest,
     write_synthetic_case,
@@ -84,6 +85,8 @@ class SynthesisSummary:
         manifest: `synthesis.json`.
         labels_csv: `labels.csv`.
         montage: `montage.png`, or None when `montage_rows` is 0.
+        audit: the memorisation audit of the folder (`aldm_fed.synthesis.audit`), when one ran
+            (`synthesize_site` runs it; `synthesize` alone does not).
     """
 
     out_dir: Path
@@ -94,11 +97,18 @@ class SynthesisSummary:
     manifest: Path | None = None
     labels_csv: Path | None = None
     montage: Path | None = None
+    audit: AuditResult | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        audit = self.audit
+        d = asdict(replace(self, audit=None))
         for key in ("out_dir", "manifest", "labels_csv", "montage"):
             d[key] = None if d[key] is None else str(d[key])
+        # The audit in short (local output: the ids of flagged volumes included); audit.json has the rest.
+        if audit is not None:
+            numbers = audit.summary()
+            d["audit"] = {"file": str(audit.path), **{k: numbers.get(f"audit.{k}") for k in (
+                "n_audited", "n_flagged", "threshold", "ratio_min", "ratio_median")}, "flagged": audit.flagged_ids}
         return d
 
 
@@ -304,21 +314,8 @@ def synthesize(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. what is already there
-    records: dict[int, dict[str, Any]] = {}
-    for i, sid in enumerate(ids):
-        for debris in (out_dir / f".{sid}.tmp", out_dir / f".{sid}.old"):  # left by a kill in atomic_dir
-            if debris.is_dir():
-                shutil.rmtree(debris)
-        rec = read_record(out_dir / sid, sid, modalities)
-        if rec is None:
-            continue
-        if rec.get("settings_hash") != settings_hash:
-            raise SynthesisError(
-                f"{out_dir / sid}: made with other settings (settings_hash {rec.get('settings_hash')!r}, now "
-                f"{settings_hash!r}: seed, masks, sampler, cases or model changed); use a new output folder "
-                f"or delete the old cases"
-            )
-        records[i] = rec
+    records = resume_records(out_dir, ids, modalities, settings_hash,
+                             what_changed="seed, masks, sampler, cases or model")
     n_skipped = len(records)
     if n_skipped:
         log.info("synthesize %s: %d of %d cases already complete in %s", site, n_skipped, n_total, out_dir)

@@ -7,10 +7,13 @@ summary = synthesize_site(cfg, "C")      # runs/<run>/sites/C/synthesis/ (cfg.pa
 1. The site's few-shot target cases go into the cache (prepared once, then memory-mapped).
 2. The shared VAE + backbone and the site's own ControlNet (`load_generative_models`).
 3. Their tumour masks, augmented, become new volumes (`synthesize`), hosted by the same cases.
+4. The memorisation audit (`audit_site`): each volume against the site's real training cases;
+   near-copies are flagged in `audit.json` (on unless `audit.enabled=false`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from aldm_fed.data.cache import CaseCache
 from aldm_fed.data.volumes import load_split, site_manifests
+from aldm_fed.synthesis.audit import audit_site
 from aldm_fed.synthesis.run import SynthesisSummary, synthesize
 from aldm_fed.training.artifacts import load_generative_models
 from aldm_fed.training.device import autocast_context, resolve_device
@@ -54,13 +58,14 @@ def synthesize_site(
     Resumable like `synthesize`: a rerun with the same settings keeps complete case folders.
 
     Args:
-        cfg: the composed config (reads `paths`, `data`, `device`, `seed`, `synthesis`).
+        cfg: the composed config (reads `paths`, `data`, `device`, `seed`, `synthesis`, `audit`).
         site: the site whose masks and ControlNet to use; None = `cfg.site`.
         out: output folder; None = `cfg.paths.synthesis` of the site.
         progress: show progress bars.
 
     Returns:
-        The `SynthesisSummary` of `synthesize`.
+        The `SynthesisSummary` of `synthesize`, with the memorisation audit (`audit`, None when
+        `audit.enabled` is false).
 
     Raises:
         ValueError: no site; `SynthesisError` (a ValueError) for a bad input or output folder.
@@ -77,16 +82,19 @@ def synthesize_site(
     models = load_generative_models(cfg, site_name, device=setup.device)
     labels = {c: manifest.label(c) for c in cases if manifest.label(c) is not None}
     # 3. Masks -> volumes -> NIfTI folders, montage, manifest.
+    out_dir = Path(out if out is not None else str(cfg.paths.synthesis))
     with autocast_context(setup):
-        return synthesize(
+        summary = synthesize(
             models,
             CaseCache(str(cfg.paths.cache)),
             cases,
             cases,
             labels or None,
-            Path(out if out is not None else str(cfg.paths.synthesis)),
+            out_dir,
             cfg.synthesis,
             site=site_name,
             seed=int(cfg.seed),
             progress=progress,
         )
+    # 4. The memorisation audit: read back when nothing changed since the last one.
+    return replace(summary, audit=audit_site(cfg, site_name, out=out_dir, progress=progress))

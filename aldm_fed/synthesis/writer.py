@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ __all__ = [
     "case_files",
     "modality_suffixes",
     "read_record",
+    "resume_records",
     "write_labels_csv",
     "write_manifest",
     "write_synthetic_case",
@@ -199,3 +201,39 @@ def write_labels_csv(
     path = Path(out_dir) / LABELS_NAME
     atomic_write_text(path, buf.getvalue())
     return path
+
+
+def resume_records(
+    out_dir: Path, ids: Sequence[str], modalities: Sequence[str], settings_hash: str, *, what_changed: str
+) -> dict[int, dict[str, Any]]:
+    """The complete cases a killed or finished run left in `out_dir`, by index (a rerun keeps them).
+
+    Debris of a case killed mid-write (`.<id>.tmp` / `.<id>.old` from `atomic_dir`) is removed.
+
+    Args:
+        out_dir: the output folder.
+        ids: the planned synthetic ids, in order.
+        modalities: the modalities each case must have.
+        settings_hash: the run's settings hash; a case made with another is refused.
+        what_changed: named in the error, e.g. "seed, masks, sampler, cases or model".
+
+    Raises:
+        SynthesisError: a complete case made with other settings.
+    """
+    from aldm_fed.synthesis.errors import SynthesisError
+
+    records: dict[int, dict[str, Any]] = {}
+    for i, sid in enumerate(ids):
+        for debris in (out_dir / f".{sid}.tmp", out_dir / f".{sid}.old"):
+            if debris.is_dir():
+                shutil.rmtree(debris)
+        rec = read_record(out_dir / sid, sid, modalities)
+        if rec is None:
+            continue
+        if rec.get("settings_hash") != settings_hash:
+            raise SynthesisError(
+                f"{out_dir / sid}: made with other settings (settings_hash {rec.get('settings_hash')!r}, now "
+                f"{settings_hash!r}: {what_changed} changed); use a new output folder or delete the old cases"
+            )
+        records[i] = rec
+    return records

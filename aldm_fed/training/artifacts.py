@@ -29,6 +29,10 @@ runs/<run_name>/
     final/                          groups "controlnet", "ema.controlnet"; meta: init (source |
                                     unet), sources.{vae, backbone}, scale_factor, site, data
     metrics.json
+  sites/<site>/gan/                 run_loop directory (the pix2pix GAN baseline on the site's K
+    final/                          target cases): groups "generator", "disc"; meta: model.gan,
+                                    modalities, size, site, data, train_cases
+    metrics.json
 ```
 
 Every `final/` is written atomically after the stage's last step, from the run's last
@@ -66,6 +70,7 @@ __all__ = [
     "FINAL_DIR",
     "METRICS_JSON",
     "STAGES",
+    "SITE_STAGES",
     "MissingStageError",
     "RunLayout",
     "StageResult",
@@ -85,7 +90,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("vae", "scale", "backbone", "controlnet")
+STAGES: tuple[str, ...] = ("vae", "scale", "backbone", "controlnet", "gan")
+# Stages trained per site (their folder is sites/<site>/<stage>): the site's ControlNet and its GAN baseline.
+SITE_STAGES: tuple[str, ...] = ("controlnet", "gan")
 FINAL_DIR = "final"
 METRICS_JSON = "metrics.json"
 LATENTS_DIR = "latents"
@@ -101,6 +108,7 @@ _HINTS = {
     "scale": "aldm-fed train scale",
     "backbone": "aldm-fed train backbone",
     "controlnet": "aldm-fed train controlnet site=<SITE>",
+    "gan": "aldm-fed train gan site=<SITE>",
 }
 
 
@@ -129,18 +137,18 @@ class RunLayout:
         return cls(Path(str(cfg.paths.runs)))
 
     def stage_dir(self, stage: str, site: str | None = None) -> Path:
-        """The run_loop directory of a stage (the site's, for `controlnet`).
+        """The run_loop directory of a stage (the site's, for `controlnet` and `gan`).
 
         Args:
             stage: one of `STAGES`.
-            site: required for `controlnet`.
+            site: required for `controlnet` and `gan` (`SITE_STAGES`).
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-        if stage == "controlnet":
+        if stage in SITE_STAGES:
             if not site:
-                raise ValueError("the controlnet stage is per site: give a site (site=<SITE>)")
-            return self.root / SITES_DIR / site / "controlnet"
+                raise ValueError(f"the {stage} stage is per site: give a site (site=<SITE>)")
+            return self.root / SITES_DIR / site / stage
         return self.root / stage
 
     def final(self, stage: str, site: str | None = None) -> Path:

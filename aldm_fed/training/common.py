@@ -219,7 +219,8 @@ def state_sha256(state: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
         for key in sorted(state[name]):
             t = state[name][key].detach().to("cpu").contiguous()
             h.update(f"{name}.{key}:{t.dtype}:{list(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot change dtype by view
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -5,6 +5,8 @@
     run_stage(cfg, "backbone")     VAE + scale + source latents -> runs/<name>/backbone/final
     run_stage(cfg, "controlnet")   cfg.site's K target latents + frozen backbone
                                    -> runs/<name>/sites/<site>/controlnet/final
+    run_stage(cfg, "gan")          cfg.site's K target volumes -> the pix2pix GAN baseline
+                                   -> runs/<name>/sites/<site>/gan/final (needs no other stage)
 
 Each stage here only gathers inputs (manifests -> case ids -> cache, preparing missing cases;
 earlier stages' `final/` checkpoints) and calls the pure training function of its module
@@ -43,6 +45,7 @@ from aldm_fed.training.backbone import train_backbone
 from aldm_fed.training.common import device_setup
 from aldm_fed.training.controlnet import controlnet_section, train_controlnet
 from aldm_fed.training.device import configure_threads
+from aldm_fed.training.gan import train_gan
 from aldm_fed.training.latents import LatentSet, encode_volumes, latent_cache_key
 from aldm_fed.training.scale import compute_scale
 from aldm_fed.training.vae import train_vae, vae_section
@@ -57,7 +60,7 @@ def run_stage(cfg: Any, stage: str, *, progress: bool = True, overwrite: bool = 
 
     Args:
         cfg: the composed config (`aldm_fed.config.compose`).
-        stage: `vae`, `scale`, `backbone` or `controlnet` (the latter for `cfg.site`).
+        stage: `vae`, `scale`, `backbone`, `controlnet` or `gan` (the last two for `cfg.site`).
         progress: show progress bars.
         overwrite: discard the stage's previous run (its run folder) and start over.
 
@@ -70,7 +73,7 @@ def run_stage(cfg: Any, stage: str, *, progress: bool = True, overwrite: bool = 
         MissingStageError: a prerequisite stage has not run (the message names the command and
             the path it looked at).
     """
-    runners = {"vae": _vae, "scale": _scale, "backbone": _backbone, "controlnet": _controlnet}
+    runners = {"vae": _vae, "scale": _scale, "backbone": _backbone, "controlnet": _controlnet, "gan": _gan}
     if stage not in runners:
         raise ValueError(f"unknown training stage {stage!r}; expected one of {list(STAGES)}")
     dev = cfg.get("device") if hasattr(cfg, "get") else None
@@ -191,6 +194,24 @@ def _controlnet(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool)
         sources={"vae": vae_info, "backbone": {**bb_info, "weights": unet_kind}},
         site=site, progress=progress, overwrite=overwrite,
     )
+
+
+def _gan(cfg: Any, layout: RunLayout, *, progress: bool, overwrite: bool) -> StageResult:
+    # 1. The site and its K target cases: the same cases its ControlNet is adapted on.
+    site = cfg.get("site")
+    cohort = str(cfg.paths.cohort)
+    if not site:
+        known = sorted(site_manifests(cohort)) if _has_manifests(cohort) else []
+        raise ValueError(f"the gan stage trains one site's GAN baseline: give site=<SITE> (or --site) "
+                         f"(sites in {cohort}/manifests: {known})")
+    site = str(site)
+    path, manifest = site_manifests(cohort, [site])[site]
+    if not manifest.cases("target"):
+        raise ValueError(f"site {site} has no target (few-shot) cases: the 'target' split of {path} is empty")
+    volumes = load_split(cfg, "target", sites=[site], progress=progress)
+    # 2. Train (no other stage is needed: the GAN works on the volumes themselves).
+    return train_gan(cfg, volumes, layout.stage_dir("gan", site), site=site, progress=progress,
+                     overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------ helpers

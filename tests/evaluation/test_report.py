@@ -114,7 +114,7 @@ def test_no_interval_means_no_ci_column_and_nothing_left_behind(tmp_path):
     paths = write_report(tmp_path, {"B": regime("real_only", 0.5, ci=False)}, title="t", context={})
     auc = table(paths["md"].read_text(), "AUC")
     assert auc[0] == ["site", "n test", "real_only"] and auc[2] == ["B", "-", "0.500 ± 0.020"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv", "report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv", "report.html", "report.json", "report.md"]
     assert "## Site work" not in paths["md"].read_text()  # a single site's evaluation: no site work
 
 

@@ -146,7 +146,7 @@ def test_cli_evaluate_writes_the_report(root, capsys):
     out = capsys.readouterr().out
     assert info.value.code == 0, out
     folder = root / "runs" / "sites" / "C" / "classifier"
-    assert f"table: {folder / 'report.md'}" in out and "real_syn: skipped" in out
+    assert f"report: {folder / 'report.html'}" in out and (folder / "report.md").is_file() and "real_syn: skipped" in out
     md = (folder / "report.md").read_text()
     assert "Downstream classification, site C" in md and "| C |" in md
     assert (folder / "report.csv").read_text().splitlines()[1].startswith("C,real_only,")

@@ -286,9 +286,11 @@ def test_federation_runs_with_tls_and_node_auth(tmp_path, toy_app):
     run_config = flatten_config(absolute_paths(cfg))  # what run_server sends: no relative path
     assert seen["server"] == run_config
     assert [s["run_config"] for s in seen["sites"]] == [run_config, run_config]
+    # Site B's `--certs` also hands it the server's model-signing public key.
     assert sorted((s["node_config"] for s in seen["sites"]), key=lambda n: n["site"]) == [
-        {"site": site, "data-path": str(data[site]), "state-path": str(tmp_path / f"state{site}")}
-        for site in "AB"
+        {"site": "A", "data-path": str(data["A"]), "state-path": str(tmp_path / "stateA")},
+        {"site": "B", "data-path": str(data["B"]), "state-path": str(tmp_path / "stateB"),
+         "signing-pub": str(certs.signing_pub.resolve())},
     ]
     # Flower unpacked the app in the sites' own state folders, not in ~/.flwr.
     assert any((tmp_path / "stateA" / "flwr" / "apps").iterdir())

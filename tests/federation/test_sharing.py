@@ -35,6 +35,7 @@ def test_every_phase_accepts_what_it_should() -> None:
     site_reply("scale", metrics={"num-examples": 3, "latent-count": 10, "latent-sum": 1.0, "latent-sum-sq": 4.0})
     site_reply("backbone", metrics={"num-examples": 3, "loss": 0.1}, arrays=weights("unet", "controlnet"))
     site_reply("local", metrics={"n_test_cases": 4, "real_only.auc_mean": 0.7, "real_syn.f1_ci_low": 0.2,
+                                 "real_syn_noadapt.auc_mean": 0.6, "syn_only_gan.n_seeds": 3,
                                  "adapt.loss": 0.3, "synthesis.n_volumes": 8})
     assert set(PHASES) == set(ALLOW_LIST)
 
@@ -45,6 +46,9 @@ def test_every_phase_accepts_what_it_should() -> None:
         # a case id or a path as a metric name
         ("local", {"metrics": {"BraTS-GLI-00012.auc": 0.5}}, "allow-list"),
         ("local", {"metrics": {"real_only./data/A/case1": 0.5}}, "allow-list"),
+        # a domain-shift row names another site: single-machine only, never sent
+        ("local", {"metrics": {"shift_from_A.auc_mean": 0.5}}, "allow-list"),
+        ("local", {"metrics": {"real_syn_mybaseline.auc_mean": 0.5}}, "allow-list"),
         ("vae", {"metrics": {"num-examples": 1, "case_00012": 1.0}, "arrays": weights("vae")}, "allow-list"),
         # non-finite or non-scalar values
         ("local", {"metrics": {"n_test_cases": math.nan}}, "finite"),
