@@ -41,13 +41,12 @@ from aldm_fed.synthesis.audit import audit_site
 from aldm_fed.synthesis.config import synthesis_config
 from aldm_fed.synthesis.errors import SynthesisError
 from aldm_fed.synthesis.masks import make_masks
-from aldm_fed.synthesis.run import MANIFEST_VERSION, SynthesisSummary, _write_montage, sample_noise, synth_id
+from aldm_fed.synthesis.run import MANIFEST_VERSION, SynthesisSummary, finish_synthesis, sample_noise, synth_id
 from aldm_fed.synthesis.site import site_config
 from aldm_fed.synthesis.writer import (
     case_files,
     modality_suffixes,
     resume_records,
-    write_labels_csv,
     write_manifest,
     write_synthetic_case,
 )
@@ -224,13 +223,7 @@ def synthesize_gan_site(
         bar.close()
 
     # 5. Manifest, labels, montage; then the memorisation audit of the folder.
-    ordered = [records[i] for i in range(n_total)]
-    manifest_path = write_manifest(out_dir, {**header, "complete": True}, ordered)
-    labels_csv = write_labels_csv(out_dir, ordered, syn.label_column)
-    montage = None
-    if syn.montage_rows > 0:
-        montage = _write_montage(out_dir, ordered[: syn.montage_rows], cache, modalities, f"{site_name} (GAN baseline)")
-    summary = SynthesisSummary(out_dir=out_dir, n_made=n_made, n_skipped=n_skipped, ids=ids,
-                               seconds=time.perf_counter() - t0, manifest=manifest_path, labels_csv=labels_csv,
-                               montage=montage)
+    summary = finish_synthesis(out_dir, header, records, ids=ids, n_made=n_made, n_skipped=n_skipped, t0=t0,
+                               cache=cache, modalities=modalities, label_column=syn.label_column,
+                               montage_rows=syn.montage_rows, title=f"{site_name} (GAN baseline)")
     return replace(summary, audit=audit_site(cfg, site_name, out=out_dir, progress=progress))

@@ -66,7 +66,15 @@ from aldm_fed.synthesis.writer import (
     write_synthetic_case,
 )
 
-__all__ = ["MANIFEST_VERSION", "SynthesisSummary", "sample_noise", "sampling_settings", "synth_id", "synthesize"]
+__all__ = [
+    "MANIFEST_VERSION",
+    "SynthesisSummary",
+    "finish_synthesis",
+    "sample_noise",
+    "sampling_settings",
+    "synth_id",
+    "synthesize",
+]
 
 MANIFEST_VERSION = 1
 log = logging.getLogger(__name__)
@@ -374,22 +382,48 @@ def synthesize(
         bar.close()
 
     # 4. manifest, label table and montage from every complete case
-    ordered = [records[i] for i in range(n_total)]
+    return finish_synthesis(out_dir, header, records, ids=ids, n_made=n_made, n_skipped=n_skipped, t0=t0,
+                            cache=cache, modalities=modalities, label_column=cfg.label_column,
+                            montage_rows=cfg.montage_rows, title=site)
+
+
+def finish_synthesis(
+    out_dir: Path,
+    header: Mapping[str, Any],
+    records: Mapping[int, Mapping[str, Any]],
+    *,
+    ids: Sequence[str],
+    n_made: int,
+    n_skipped: int,
+    t0: float,
+    cache: CaseCache,
+    modalities: Sequence[str],
+    label_column: str,
+    montage_rows: int,
+    title: str,
+) -> SynthesisSummary:
+    """The last step of a synthesis run (ours or a baseline's): the complete manifest, the label
+    table and the montage from every case, in order.
+
+    Args:
+        out_dir: the output folder.
+        header: the manifest header (settings, sampling, model, cache, ...).
+        records: index -> record of every case (all of `ids` must be there).
+        ids, n_made, n_skipped, t0: for the summary (`t0` from `time.perf_counter()`).
+        cache, modalities: where the montage's real host cases come from.
+        label_column: the case-level label column of `labels.csv`.
+        montage_rows: cases in the montage (0 = none).
+        title: the montage's title.
+    """
+    ordered = [records[i] for i in range(len(ids))]
     manifest = write_manifest(out_dir, {**header, "complete": True}, ordered)
-    labels_csv = write_labels_csv(out_dir, ordered, cfg.label_column)
+    labels_csv = write_labels_csv(out_dir, ordered, label_column)
     montage = None
-    if cfg.montage_rows > 0:
-        montage = _write_montage(out_dir, ordered[: cfg.montage_rows], cache, modalities, site)
-    return SynthesisSummary(
-        out_dir=out_dir,
-        n_made=n_made,
-        n_skipped=n_skipped,
-        ids=ids,
-        seconds=time.perf_counter() - t0,
-        manifest=manifest,
-        labels_csv=labels_csv,
-        montage=montage,
-    )
+    if montage_rows > 0:
+        montage = _write_montage(out_dir, ordered[:montage_rows], cache, modalities, title)
+    return SynthesisSummary(out_dir=out_dir, n_made=n_made, n_skipped=n_skipped, ids=list(ids),
+                            seconds=time.perf_counter() - t0, manifest=manifest, labels_csv=labels_csv,
+                            montage=montage)
 
 
 def _record(
