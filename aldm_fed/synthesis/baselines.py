@@ -24,7 +24,6 @@ folders, `synthesis.json`, `labels.csv`, `montage.png`) and each set gets its ow
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ from aldm_fed.training.device import autocast_context, resolve_device
 __all__ = ["BASELINES_DIR", "SYNTHETIC_BASELINES", "baseline_dir", "baseline_models", "synthesize_baseline"]
 
 BASELINES_DIR = "baselines"  # <paths.runs>/sites/<site>/baselines/<name>/
-_GAN_MODULE = "aldm_fed.synthesis.gan"
 
 
 def _check_name(name: str) -> None:
@@ -61,7 +59,9 @@ def baseline_dir(cfg: Any, site: str, name: str) -> Path:
     """
     _check_name(name)
     if name == "gan":  # the GAN module's own folder (`paths.gan_synthesis`, by default this layout)
-        return Path(_gan_module().gan_synthesis_dir(cfg, site))
+        from aldm_fed.synthesis.gan import gan_synthesis_dir  # imports the GAN training code
+
+        return Path(gan_synthesis_dir(cfg, site))
     return RunLayout.from_cfg(cfg).root / SITES_DIR / site / BASELINES_DIR / name
 
 
@@ -92,16 +92,6 @@ def baseline_models(models: GenerativeModels, name: str) -> GenerativeModels:
     raise ValueError(f"baseline {name!r} is not a diffusion baseline; expected noadapt or concat")
 
 
-def _gan_module() -> Any:
-    try:
-        return importlib.import_module(_GAN_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _GAN_MODULE:
-            raise
-        raise ValueError(f"baseline gan: {_GAN_MODULE} is not in this installation (the GAN baseline); "
-                         "leave gan out of baselines.enabled") from None
-
-
 def synthesize_baseline(
     cfg: Any, site: str | None, name: str, *, out: Path | None = None, progress: bool = True
 ) -> SynthesisSummary:
@@ -121,14 +111,16 @@ def synthesize_baseline(
 
     Raises:
         ValueError: an unknown baseline, no site, `concat` on a backbone without mask
-            concatenation, `gan` without its module; `SynthesisError` for bad inputs.
+            concatenation; `SynthesisError` for bad inputs.
         MissingStageError: the VAE or backbone stage has not run.
     """
     _check_name(name)
     cfg, site_name = site_config(cfg, site, needed_for="the site's target cases give the masks")
     out_dir = Path(out) if out is not None else baseline_dir(cfg, site_name, name)
     if name == "gan":
-        summary = _gan_module().synthesize_gan_site(cfg, site_name, out=out_dir, progress=progress)
+        from aldm_fed.synthesis.gan import synthesize_gan_site
+
+        summary = synthesize_gan_site(cfg, site_name, out=out_dir, progress=progress)
         if summary.audit is None:  # audited here when the GAN module did not
             summary = replace(summary, audit=audit_site(cfg, site_name, out=out_dir, progress=progress))
         return summary
