@@ -15,9 +15,10 @@ Steps, each resumable (a rerun reads what is finished and makes only what is mis
    `noadapt`, `concat`, and `gan` after training the site's GAN), all from the same masks.
 4. Per site: every classifier regime (`classifier.regimes`), `real_syn_<b>` / `syn_only_<b>` per
    baseline and `shift_from_<X>` per other site (`baselines.shift_from`), on the site's held-out
-   real cases; each site's own report beside its runs (with ROC curves).
+   real cases; the paired AUC differences of regime pairs and the anatomical faithfulness of the
+   ALDM and baseline sets (`evaluate_site`); each site's own report beside its runs (with ROC curves).
 5. One report over the sites (`write_report`): tables with patient-bootstrap CIs, the ALDM - baseline
-   differences and the domain-shift gaps.
+   differences and the domain-shift gaps with paired intervals, and the faithfulness Dice per set.
 
 Domain shift reads other sites' cases, so it exists only here; a federated run never makes it.
 """

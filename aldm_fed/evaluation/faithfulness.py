@@ -6,10 +6,14 @@ generator that draws the tumour where the mask puts it scores about as well on s
 as on real ones; `dice_gap` (real minus synthetic) measures how far it falls short.
 
 ```python
-result = faithfulness(cfg.faithfulness, real_k, real_test, synthetic, "runs/x/sites/A/faithfulness")
-result["synthetic"]["dice_mean"], result["dice_gap"]
-faithfulness_metrics(result)   # {"faithfulness.dice_real_mean": 0.81, ..., "faithfulness.n_syn": 16}
+result = faithfulness(cfg.faithfulness, real_k, real_test, {"aldm": syn, "gan": gan_set},
+                      "runs/x/sites/A/faithfulness")
+result["real"]["dice_mean"], result["synthetic"]["aldm"]["dice_mean"], result["synthetic"]["gan"]["dice_gap"]
+faithfulness_metrics(result)   # {"faithfulness.real.dice_mean": 0.81, ..., "faithfulness.gan.n": 16}
 ```
+
+Several synthetic sets (the ALDM set and each baseline's) are measured by the same segmenter,
+trained once; with no synthetic set at all, only the real Dice is measured.
 
 1. The segmenter: MONAI `UNet` (3D, stride 2 between levels, `faithfulness.network`), one sigmoid
    output for the whole tumour (label > 0); Dice + BCE loss (MONAI `DiceCELoss`).
@@ -23,7 +27,8 @@ Layout of `run_dir`:
 
 ```
 run_dir/
-  faithfulness.json     per set: n, Dice mean, Dice and case id per case; settings, notes
+  faithfulness.json     real test set and each synthetic set: n, Dice mean, Dice and case id per
+                        case; settings, notes
   segmenter/            the loop's run dir (checkpoints, metrics.jsonl)
 ```
 
@@ -33,12 +38,15 @@ training patients (`check_no_leakage`). Synthetic masks are usually drawn from t
 patients' own masks (augmented and moved): that is the setting the measure is meant for, so it is
 allowed and counted (`n_syn_mask_from_train`).
 
-The flat numbers (`faithfulness_metrics`) carry fixed names and counts only, never a case id.
+The flat numbers (`faithfulness_metrics`) carry fixed names and counts only, never a case id:
+`faithfulness.n_train`, `faithfulness.real.<REAL_NUMBERS>` and `faithfulness.<set>.<SET_NUMBERS>`
+per synthetic set (`metric_key_pattern` builds the regular expression that accepts exactly those).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -60,21 +68,28 @@ from aldm_fed.training.loop import LoopConfig, LoopResult, batch_indices, run_lo
 
 __all__ = [
     "FAITHFULNESS_FILE",
-    "FAITHFULNESS_NUMBERS",
+    "REAL_NUMBERS",
+    "SET_NUMBERS",
     "FaithfulnessSettings",
     "SegmenterTrainConfig",
     "TrainedSegmenter",
     "dice_scores",
     "faithfulness",
     "faithfulness_metrics",
+    "metric_key_pattern",
     "predict_tumour",
     "train_segmenter",
 ]
 
 FAITHFULNESS_FILE = "faithfulness.json"
 SEGMENTER_DIR = "segmenter"
-# The flat numbers `faithfulness_metrics` returns, each as `faithfulness.<name>`.
-FAITHFULNESS_NUMBERS: tuple[str, ...] = ("dice_real_mean", "dice_syn_mean", "dice_gap", "n_real", "n_syn")
+# The flat numbers `faithfulness_metrics` returns: `faithfulness.n_train`, `faithfulness.real.<name>`
+# for the real test cases and `faithfulness.<set>.<name>` for each synthetic set.
+REAL_NUMBERS: tuple[str, ...] = ("dice_mean", "n")
+SET_NUMBERS: tuple[str, ...] = ("dice_mean", "dice_gap", "n")
+REAL = "real"  # the real test set's name; a synthetic set may not take it
+# A synthetic set's name becomes part of a metric name: lower-case letters, digits, '_'.
+_SET_NAME = re.compile(r"[a-z][a-z0-9_]*")
 GROUP = "faithfulness"
 _NETWORK_KEYS = ("channels", "num_res_units", "norm", "dropout")
 _TRAIN_KEYS = ("steps", "batch_size", "lr", "weight_decay", "patch_size", "pos_fraction", "ckpt_every",
@@ -120,6 +135,7 @@ class FaithfulnessSettings:
     """The `faithfulness` config group, validated (configs/faithfulness/default.yaml).
 
     Attributes:
+        enabled: whether `aldm_fed.evaluation.site.evaluate_site` measures faithfulness.
         network: the UNet.
         train: budget, optimizer, patches.
         threshold: sigmoid >= threshold is tumour.
@@ -129,6 +145,7 @@ class FaithfulnessSettings:
 
     network: SegmenterNetwork
     train: SegmenterTrainConfig
+    enabled: bool = True
     threshold: float = 0.5
     overlap: float = 0.25
     sw_batch_size: int = 4
@@ -146,7 +163,7 @@ class FaithfulnessSettings:
         if isinstance(cfg, FaithfulnessSettings):
             return cfg
         c = as_plain_dict(cfg, GROUP)
-        check_keys(c, GROUP, ("network", "train", "eval"))
+        check_keys(c, GROUP, ("enabled", "network", "train", "eval"))
         net = as_plain_dict(c["network"], f"{GROUP}.network")
         train = as_plain_dict(c["train"], f"{GROUP}.train")
         ev = as_plain_dict(c["eval"], f"{GROUP}.eval")
@@ -192,6 +209,7 @@ class FaithfulnessSettings:
         return cls(
             network=network,
             train=train_cfg,
+            enabled=get_bool(c, "enabled", GROUP),
             threshold=get_float(ev, "threshold", g, minimum=0.0, maximum=1.0),
             overlap=overlap,
             sw_batch_size=get_int(ev, "sw_batch_size", g),
@@ -371,7 +389,8 @@ def predict_tumour(
         dev = next(model.parameters()).device
         device = DeviceSetup(dev, None, False, str(dev))
     roi = settings.roi_size(item.size)
-    x = torch.from_numpy(np.asarray(item.image, dtype=np.float32)[None]).to(device.device)
+    # a copy: cached volumes are read-only memory maps, which torch does not take
+    x = torch.from_numpy(np.array(item.image, dtype=np.float32)[None]).to(device.device)
     was_training = model.training
     model.eval()
     try:
@@ -428,94 +447,122 @@ def _summary(dice: np.ndarray) -> dict[str, Any]:
     return {"n": int(dice.size), "dice_mean": float(dice.mean()), "dice_per_case": dice.tolist()}
 
 
+def _named_sets(
+    synthetic: Sequence[CaseItem] | Mapping[str, Sequence[CaseItem]],
+) -> dict[str, Sequence[CaseItem]]:
+    """Synthetic sets by name; a plain list is the one set "synthetic"."""
+    sets = dict(synthetic) if isinstance(synthetic, Mapping) else {"synthetic": synthetic}
+    bad = [n for n in sets if not isinstance(n, str) or not _SET_NAME.fullmatch(n) or n == REAL]
+    if bad:
+        raise ValueError(f"synthetic set name(s) {bad}: names become metric names, so use lower-case "
+                         f"letters, digits and '_' (starting with a letter), and not {REAL!r}")
+    return sets
+
+
 def faithfulness(
     cfg_section: FaithfulnessSettings | Mapping[str, Any] | Any,
     real_train: Sequence[CaseItem],
     real_test: Sequence[CaseItem],
-    synthetic: Sequence[CaseItem],
+    synthetic: Sequence[CaseItem] | Mapping[str, Sequence[CaseItem]],
     run_dir: str | os.PathLike[str],
     *,
     seed: int = 0,
     device: DeviceSetup | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train the segmenter on real target cases; Dice on real test cases and on synthetic volumes
-    (against their conditioning masks); write `run_dir/faithfulness.json` atomically.
+    """Train the segmenter on real target cases (once: a finished run is read back); Dice on real
+    test cases and on each synthetic set (against its conditioning masks); write
+    `run_dir/faithfulness.json` atomically.
 
     Args:
         cfg_section: the `faithfulness` config group (or `FaithfulnessSettings`).
         real_train: real training volumes with masks (the K target cases).
         real_test: held-out real volumes with masks.
-        synthetic: synthetic volumes; `seg` is the mask each was generated from.
+        synthetic: synthetic sets by name (e.g. `{"aldm": ..., "gan": ...}`; names are lower-case
+            letters, digits and '_', not "real"), or one list (the set "synthetic"); `seg` is the
+            mask each volume was generated from. An empty mapping measures the real test cases only.
         run_dir: output folder (the JSON file and the segmenter's run).
         seed: training seed.
         device: from `resolve_device`; None = auto.
         overwrite: retrain a segmenter run whose folder holds another config.
 
     Returns:
-        `{"real": {"n", "dice_mean", "dice_per_case"}, "synthetic": {...}, "dice_gap" (real mean
-        minus synthetic mean), "n_train", "n_syn_mask_from_train", "threshold"}`; per-case lists
-        follow the order of the items given. No case id: those are in the JSON file only.
+        `{"real": {"n", "dice_mean", "dice_per_case"}, "synthetic": {name: {"n", "dice_mean",
+        "dice_per_case", "dice_gap" (real mean minus this set's mean), "n_mask_from_train"}},
+        "n_train", "threshold"}`; per-case lists follow the order of the items given. No case id:
+        those are in the JSON file only.
 
     Raises:
-        ValueError: an empty set, items in the wrong list (synthetic training or test items, real
-            items among the synthetic ones), patient leakage, missing masks, or volumes of
-            different shapes across the sets.
+        ValueError: an empty set, a bad set name, items in the wrong list (synthetic training or
+            test items, real items among the synthetic ones), patient leakage, missing masks, or
+            volumes of different shapes across the sets.
     """
     s = FaithfulnessSettings.from_mapping(cfg_section)
     run_dir = Path(run_dir)
     setup = device or resolve_device("auto")
+    sets = _named_sets(synthetic)
 
     # 1. The guards: real anatomy trains, nothing measured was trained on.
-    for items, what in ((real_train, "real_train"), (real_test, "real_test"), (synthetic, "synthetic")):
+    for items, what in ((real_train, "real_train"), (real_test, "real_test"),
+                        *((items, f"synthetic set {name!r}") for name, items in sets.items())):
         _check_cases(items, what)
     check_real_test_items(real_test)
-    real = [it.group for it in synthetic if not it.synthetic]
-    if real:
-        raise ValueError(f"synthetic holds real item(s) {real[:10]}: pass real and synthetic volumes in "
-                         "their own lists")
-    shapes = {tuple(items[0].image.shape) for items in (real_train, real_test, synthetic)}
-    if len(shapes) != 1:
-        raise ValueError(f"real_train, real_test and synthetic volumes differ in shape: {sorted(shapes)}")
+    for name, items in sets.items():
+        real = [it.group for it in items if not it.synthetic]
+        if real:
+            raise ValueError(f"synthetic set {name!r} holds real item(s) {real[:10]}: pass real and synthetic "
+                             "volumes in their own lists")
+    shapes = {what: tuple(items[0].image.shape)
+              for what, items in (("real_train", real_train), ("real_test", real_test), *sets.items())}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"real_train, real_test and the synthetic sets differ in volume shape: {shapes}")
     train_groups = training_groups(real_train)  # train_segmenter refuses synthetic items
     check_no_leakage(train_groups, [it.group for it in real_test])
-    check_no_leakage(train_groups, [it.group for it in synthetic])
+    for items in sets.values():
+        check_no_leakage(train_groups, [it.group for it in items])
 
     # 2. Train (or read back) the segmenter; 3. Dice per set.
     trained = train_segmenter(real_train, s, run_dir / SEGMENTER_DIR, seed=seed, device=setup,
                               overwrite=overwrite)
     dice_real = _set_dice(trained, real_test, s)
-    dice_syn = _set_dice(trained, synthetic, s)
+    per_set: dict[str, dict[str, Any]] = {}
+    for name, items in sets.items():
+        dice = _set_dice(trained, items, s)
+        per_set[name] = {
+            **_summary(dice),
+            "dice_gap": float(dice_real.mean() - dice.mean()),
+            # Synthetic masks drawn from training patients' masks: expected, but worth knowing.
+            "n_mask_from_train": sum(bool(set(it.source_groups) & train_groups) for it in items),
+        }
     result: dict[str, Any] = {
-        "real": _summary(dice_real),
-        "synthetic": _summary(dice_syn),
-        "dice_gap": float(dice_real.mean() - dice_syn.mean()),
+        REAL: _summary(dice_real),
+        "synthetic": per_set,
         "n_train": len(real_train),
-        # Synthetic masks drawn from training patients' masks: expected, but worth knowing.
-        "n_syn_mask_from_train": sum(bool(set(it.source_groups) & train_groups) for it in synthetic),
         "threshold": s.threshold,
     }
 
     # 4. The file, with case ids (it stays at the site).
     atomic_write_json(run_dir / FAITHFULNESS_FILE, {
-        "version": 1,
+        "version": 2,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": setup.description,
         "seed": int(seed),
         "settings": plain_config(s),
         **result,
-        "real": {**result["real"], "case_ids": [it.group for it in real_test]},
-        "synthetic": {**result["synthetic"], "case_ids": [it.group for it in synthetic],
-                      "source_groups": [list(it.source_groups) for it in synthetic]},
+        REAL: {**result[REAL], "case_ids": [it.group for it in real_test]},
+        "synthetic": {name: {**per_set[name], "case_ids": [it.group for it in items],
+                             "source_groups": [list(it.source_groups) for it in items]}
+                      for name, items in sets.items()},
         "train_case_ids": sorted(it.group for it in real_train),
         "final_train_loss": trained.loop.metrics.get("loss"),
         "notes": {
             "region": "whole tumour (label > 0), one sigmoid output",
             "dice": "MONAI DiceMetric, ignore_empty=False: an empty true mask scores 1 with an empty "
                     "prediction, else 0",
-            "dice_gap": "real test mean minus synthetic mean (> 0: tumours less faithful on synthetic)",
-            "train": "real target cases only; synthetic masks may be augmented copies of their masks "
-                     "(n_syn_mask_from_train)",
+            "dice_gap": "real test mean minus the set's synthetic mean (> 0: tumours less faithful on "
+                        "synthetic volumes)",
+            "train": "real target cases only, trained once for every set; synthetic masks may be "
+                     "augmented copies of their masks (n_mask_from_train)",
         },
     })
     return result
@@ -528,13 +575,29 @@ def faithfulness_metrics(result: Mapping[str, Any]) -> dict[str, float | int]:
         result: what `faithfulness` returned (or its JSON file, read back).
 
     Returns:
-        `faithfulness.<name>` for each name of `FAITHFULNESS_NUMBERS`: Dice means and gap as
-        float, counts as int.
+        `faithfulness.n_train`, `faithfulness.real.<name>` for `REAL_NUMBERS` and
+        `faithfulness.<set>.<name>` for `SET_NUMBERS` of each synthetic set: Dice means and gaps
+        as float, counts as int.
     """
-    return {
-        "faithfulness.dice_real_mean": float(result["real"]["dice_mean"]),
-        "faithfulness.dice_syn_mean": float(result["synthetic"]["dice_mean"]),
-        "faithfulness.dice_gap": float(result["dice_gap"]),
-        "faithfulness.n_real": int(result["real"]["n"]),
-        "faithfulness.n_syn": int(result["synthetic"]["n"]),
+    out: dict[str, float | int] = {
+        "faithfulness.n_train": int(result["n_train"]),
+        "faithfulness.real.dice_mean": float(result[REAL]["dice_mean"]),
+        "faithfulness.real.n": int(result[REAL]["n"]),
     }
+    for name, part in result["synthetic"].items():
+        out |= {f"faithfulness.{name}.dice_mean": float(part["dice_mean"]),
+                f"faithfulness.{name}.dice_gap": float(part["dice_gap"]),
+                f"faithfulness.{name}.n": int(part["n"])}
+    return out
+
+
+def metric_key_pattern(set_names: Sequence[str]) -> str:
+    """A regular expression (for `re.fullmatch`) accepting exactly the names `faithfulness_metrics`
+    gives for synthetic sets named `set_names`, and nothing else.
+
+    Args:
+        set_names: the synthetic sets' fixed names (e.g. ("aldm", "noadapt", "concat", "gan")).
+    """
+    names = [re.escape(n) for n in set_names]
+    sets = rf"|({'|'.join(names)})\.({'|'.join(SET_NUMBERS)})" if names else ""
+    return rf"faithfulness\.(n_train|{REAL}\.({'|'.join(REAL_NUMBERS)}){sets})"

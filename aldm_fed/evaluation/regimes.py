@@ -23,11 +23,17 @@ rows = run_regimes(real_k, synthetic, real_test, cfg.classifier, "runs/x/classif
                    oracle_items=real_many)
 ```
 
+Paired differences (`paired_differences`, after the runs): AUC(a) - AUC(b) for the pairs of
+`difference_pairs` (`real_syn` - `real_only`, ALDM - each baseline, `real_only` - each domain-shift
+row), with a paired patient-level bootstrap interval (`metrics.paired_auc_difference`) from the
+runs' predictions.
+
 Layout of `run_dir`:
 
 ```
 run_dir/
   results.json                      table (one row per regime, seeds aggregated) + every run
+  differences.json                  paired AUC differences of regime pairs (`paired_differences`)
   <regime>/seed_<s>/result.json     metrics with patient-bootstrap CIs, counts, settings
   <regime>/seed_<s>/predictions.json  y_true, y_score, patient per test sample
   <regime>/seed_<s>/train/          the loop's run dir (checkpoints, metrics.jsonl)
@@ -40,6 +46,7 @@ A finished run is not retrained when the same call is repeated (the loop resumes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -52,7 +59,12 @@ import numpy as np
 import torch
 
 from aldm_fed.checkpoints import plain_config
-from aldm_fed.evaluation.metrics import CLASSIFICATION_METRICS, aggregate_seeds, classification_metrics
+from aldm_fed.evaluation.metrics import (
+    CLASSIFICATION_METRICS,
+    aggregate_seeds,
+    classification_metrics,
+    paired_auc_difference,
+)
 from aldm_fed.evaluation.tasks import (
     TASKS,
     CaseItem,
@@ -75,6 +87,8 @@ from aldm_fed.training.loop import stable_seed
 
 __all__ = [
     "BASELINE_REGIMES",
+    "DIFFERENCES_FILE",
+    "DIFFERENCE_NUMBERS",
     "REGIMES",
     "SHIFT_PREFIX",
     "SYNTHETIC_BASELINES",
@@ -84,8 +98,12 @@ __all__ = [
     "run_regime",
     "run_regimes",
     "comparison_pairs",
+    "difference_name",
+    "difference_pairs",
     "is_regime",
     "order_regimes",
+    "paired_differences",
+    "read_predictions",
     "regime_kind",
     "select_synthetic",
     "shift_regime",
@@ -104,6 +122,9 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 RESULTS_FILE = "results.json"
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.json"
+DIFFERENCES_FILE = "differences.json"
+# The numbers of one paired difference that a site's metrics keep (`diff.<a>__<b>.<name>`).
+DIFFERENCE_NUMBERS: tuple[str, ...] = ("auc_mean", "auc_ci_low", "auc_ci_high", "n_boot_valid")
 _SECTIONS = ("task", "slice", "volume", "network", "train", "augmentation", "regimes", "syn_ratio",
              "seeds", "eval")
 _EVAL_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "n_boot": 1000, "ci": 0.95, "predict_batch_size": 64}
@@ -356,6 +377,110 @@ def comparison_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
     pairs = [(kind, f"{kind}_{b}") for b in SYNTHETIC_BASELINES for kind in _SYN_REGIMES
              if f"{kind}_{b}" in present]
     return pairs + [("real_only", r) for r in order_regimes(present) if r.startswith(SHIFT_PREFIX)]
+
+
+def difference_pairs(regimes: Sequence[str]) -> list[tuple[str, str]]:
+    """(a, b) pairs whose paired AUC difference a - b `paired_differences` computes: the synthetic
+    data effect `real_syn` - `real_only`, then `comparison_pairs`.
+
+    Args:
+        regimes: the regimes present.
+    """
+    first = [("real_syn", "real_only")] if {"real_syn", "real_only"} <= set(regimes) else []
+    return first + comparison_pairs(regimes)
+
+
+def difference_name(a: str, b: str) -> str:
+    """The name of the difference a - b in flat metrics: `<a>__<b>` (regime names hold no "__")."""
+    return f"{a}__{b}"
+
+
+def read_predictions(
+    run_dir: str | os.PathLike[str], regime: str, seeds: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The test predictions of one regime's runs (`<run_dir>/<regime>/seed_<s>/predictions.json`).
+
+    Args:
+        run_dir: the `run_regimes` folder.
+        regime: the regime.
+        seeds: the seeds to read, in order.
+
+    Returns:
+        (y_true (N,), scores (len(seeds), N), patient per sample (N,)).
+
+    Raises:
+        FileNotFoundError: a seed's file is missing (the run did not finish).
+        ValueError: the seeds were tested on different samples.
+    """
+    y_true = groups = None
+    scores = []
+    for seed in seeds:
+        path = Path(run_dir) / regime / f"seed_{seed}" / PREDICTIONS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no predictions; run the regime {regime!r} (seed {seed}) first")
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        y, g = np.asarray(rec["y_true"], dtype=np.int64), np.asarray(rec["groups"], dtype=str)
+        if y_true is None:
+            y_true, groups = y, g
+        elif not (np.array_equal(y, y_true) and np.array_equal(g, groups)):
+            raise ValueError(f"{path}: other test samples than seed {seeds[0]} of {regime!r}")
+        scores.append(np.asarray(rec["y_score"], dtype=np.float64))
+    if y_true is None:
+        raise ValueError(f"read_predictions: no seeds given for {regime!r}")
+    return y_true, np.stack(scores), groups
+
+
+def paired_differences(
+    rows: Sequence[Mapping[str, Any]],
+    run_dir: str | os.PathLike[str],
+    cfg: Mapping[str, Any] | ClassifierSettings | Any,
+) -> list[dict[str, Any]]:
+    """Paired AUC differences of the regime pairs of `difference_pairs` that ran, from their
+    predictions; written to `run_dir/differences.json` (atomically).
+
+    For each pair (a, b): the seeds both ran, paired by seed; each bootstrap resample draws test
+    patients once for both regimes (`metrics.paired_auc_difference`, the classifier's `n_boot`
+    and `ci`, resampling seed 0 as the per-regime intervals).
+
+    Args:
+        rows: `run_regimes`' table (rows with `status` "ok" count).
+        run_dir: the `run_regimes` folder.
+        cfg: the `classifier` config group (or `ClassifierSettings`).
+
+    Returns:
+        One row per pair: `a`, `b`, `auc_mean` (seed-mean AUC(a) - AUC(b)), `auc_ci_low`,
+        `auc_ci_high`, `n_boot_valid`, `n_seeds`, `n_boot`, `ci`, `excludes_zero`.
+
+    Raises:
+        FileNotFoundError, ValueError: as `read_predictions`; two regimes tested on different samples.
+    """
+    s = ClassifierSettings.from_mapping(cfg)
+    run_dir = Path(run_dir)
+    ok = {str(r["regime"]): r for r in rows if r.get("status") == "ok"}
+    out: list[dict[str, Any]] = []
+    for a, b in difference_pairs(order_regimes(set(ok))):
+        seeds = [x for x in ok[a]["seeds"] if x in set(ok[b]["seeds"])]
+        if not seeds:
+            continue
+        ya, sa, ga = read_predictions(run_dir, a, seeds)
+        yb, sb, gb = read_predictions(run_dir, b, seeds)
+        if not (np.array_equal(ya, yb) and np.array_equal(ga, gb)):
+            raise ValueError(f"{run_dir}: {a!r} and {b!r} were tested on different samples; a paired "
+                             "difference needs the same test set")
+        d = paired_auc_difference(ya, list(sa), list(sb), ga, n_boot=s.n_boot, ci=s.ci, seed=0)
+        lo, hi = d["ci_low"], d["ci_high"]
+        out.append({"a": a, "b": b, "auc_mean": d["mean"], "auc_ci_low": lo, "auc_ci_high": hi,
+                    "n_boot_valid": d["n_boot_valid"], "n_seeds": d["n_seeds"], "n_boot": s.n_boot, "ci": s.ci,
+                    "excludes_zero": bool(lo > 0 or hi < 0)})  # NaN bounds (no resample): False
+    atomic_write_json(run_dir / DIFFERENCES_FILE, {
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notes": {"difference": "AUC(a) - AUC(b), mean over the seeds both ran (paired by seed)",
+                  "ci": f"{s.ci:.0%} paired patient-level bootstrap ({s.n_boot} resamples): each resample "
+                        "draws test patients once for both regimes"},
+        "pairs": out,
+    })
+    return out
 
 
 def select_synthetic(items: Sequence[CaseItem], n_real: int, ratio: float, seed: int) -> list[CaseItem]:

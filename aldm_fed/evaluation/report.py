@@ -7,9 +7,12 @@ site-level `n_*`), so the federated server writes it from the metrics the sites 
 single-site `aldm-fed evaluate` from one site's. Only regime names (`regimes.is_regime`: `REGIMES`,
 the baselines' `real_syn_<b>` / `syn_only_<b>` and the domain-shift `shift_from_<X>`) make regime columns;
 other dotted keys a federated site sends (`adapt.loss`, `synthesis.n_volumes`) go, with the case
-counts, into a "Site work" table, except the memorisation audit's `audit.*` numbers
-(`aldm_fed.synthesis.audit`), which get a "Memorisation audit" section (and `sites.<s>.audit` in
-the JSON):
+counts, into a "Site work" table, except three groups with sections of their own (and, prefix
+removed, `sites.<s>.{audit,faithfulness,differences}` in the JSON; `report_format.OWN_SECTIONS`):
+the memorisation audit's `audit.*` numbers (`aldm_fed.synthesis.audit`), the segmenter's Dice per
+set `faithfulness.*` ("Anatomical faithfulness", `aldm_fed.evaluation.faithfulness`) and the paired
+AUC differences `diff.<a>__<b>.*` (`regimes.paired_differences`), which the comparison tables show
+as "difference [CI]", with "evidence" only where the interval excludes 0:
 
 ```python
 paths = write_report(out_dir, {"A": metrics_a, "C": metrics_c}, title="Federated run demo",
@@ -49,6 +52,20 @@ from aldm_fed.evaluation.regimes import (
     is_regime,
     order_regimes,
 )
+from aldm_fed.evaluation.report_format import (
+    FAITHFULNESS_HOWTO,
+    OWN_SECTIONS,
+    difference_cell,
+    difference_verdicts,
+    faithfulness_rows,
+    flat_row,
+    fmt,
+    inline,
+    interval_text,
+    metric_rows,
+    section_numbers,
+    seed_mean_text,
+)
 from aldm_fed.evaluation.report_html import HTML_FILE, ReportSources, discover_sources, write_html_report
 from aldm_fed.io import atomic_write_json, atomic_write_text
 
@@ -64,6 +81,8 @@ _WORK_COLUMNS: dict[str, str] = {"adapt.loss": "ControlNet adaptation loss", "sy
 _CASE_COLUMNS: dict[str, str] = {"n_source_cases": "source cases", "n_target_cases": "target cases",
                                  "n_test_cases": "test cases"}
 _AUDIT_PREFIX = "audit."  # the memorisation audit's numbers (aldm_fed.synthesis.audit.SUMMARY_NAMES)
+_FAITH_PREFIX = "faithfulness."  # the segmenter's Dice per set (aldm_fed.evaluation.faithfulness)
+_DIFF_PREFIX = "diff."  # paired AUC differences (aldm_fed.evaluation.regimes.paired_differences)
 Numbers = dict[str, float | int]  # name -> value, of a site or of one regime at a site
 
 
@@ -141,12 +160,6 @@ def _ordered(names: set[str], first: Sequence[str]) -> list[str]:
     return [n for n in first if n in names] + sorted(names - set(first))
 
 
-def _fmt(value: float | int | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    return str(value) if isinstance(value, int) else f"{value:.{digits}f}"
-
-
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -161,24 +174,7 @@ def _metric_table(metric: str, sites: list[str], regimes: list[str], site_level:
                   by_regime: dict[str, dict[str, Numbers]]) -> list[str]:
     """Sites x regimes: the seed mean (± std over seeds when there are several), and a CI column
     for each regime that has an interval at some site."""
-    with_ci = [r for r in regimes if any(f"{metric}_ci_low" in by_regime[s].get(r, {}) for s in sites)]
-    header = ["site", "n test"]
-    for r in regimes:
-        header += [r, f"{r} CI"] if r in with_ci else [r]
-    rows = []
-    for site in sites:
-        row = [site, _fmt(site_level[site].get("n_test_cases"))]
-        for r in regimes:
-            v = by_regime[site].get(r, {})
-            mean, std = v.get(f"{metric}_mean"), v.get(f"{metric}_std")
-            text = _fmt(mean)
-            if mean is not None and std is not None and v.get("n_seeds", 1) > 1:
-                text += f" ± {std:.3f}"
-            row.append(text)
-            if r in with_ci:
-                lo, hi = v.get(f"{metric}_ci_low"), v.get(f"{metric}_ci_high")
-                row.append("-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]")
-        rows.append(row)
+    header, rows = metric_rows(metric, {s: {"site": site_level[s], "regimes": by_regime[s]} for s in sites}, regimes)
     return _table(header, rows)
 
 
@@ -187,19 +183,9 @@ def _metric_table_by_regime(metric: str, sites: list[str], regimes: list[str], s
     """Regimes x sites (for many regimes): per site the seed mean (± std over seeds) and its CI."""
     header = ["regime"]
     for site in sites:
-        header += [f"{site} (n test {_fmt(site_level[site].get('n_test_cases'))})", f"{site} CI"]
-    rows = []
-    for r in regimes:
-        row = [r]
-        for site in sites:
-            v = by_regime[site].get(r, {})
-            mean, std = v.get(f"{metric}_mean"), v.get(f"{metric}_std")
-            text = _fmt(mean)
-            if mean is not None and std is not None and v.get("n_seeds", 1) > 1:
-                text += f" ± {std:.3f}"
-            lo, hi = v.get(f"{metric}_ci_low"), v.get(f"{metric}_ci_high")
-            row += [text, "-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"]
-        rows.append(row)
+        header += [f"{site} (n test {fmt(site_level[site].get('n_test_cases'))})", f"{site} CI"]
+    rows = [[r, *(text for site in sites for v in [by_regime[site].get(r, {})]
+                  for text in (seed_mean_text(v, metric), interval_text(v, metric)))] for r in regimes]
     return _table(header, rows)
 
 
@@ -220,24 +206,45 @@ def _comparison_howto(regimes: Sequence[str]) -> list[str]:
     return lines
 
 
-def _comparison_section(sites: list[str], regimes: list[str],
-                        by_regime: dict[str, dict[str, Numbers]]) -> list[str]:
-    """ALDM minus each baseline (same regime) and the domain-shift gaps, AUC seed means per site;
-    nothing when no baseline or shift row ran."""
+def _ci_text(context: Mapping[str, Any]) -> str:
+    ci = context.get("ci")
+    return f"{float(ci):.0%} " if isinstance(ci, (int, float)) and not isinstance(ci, bool) else ""
+
+
+def _differences(split: _Split, site: str) -> dict[str, float | int]:
+    return section_numbers(split.work.get(site, {}), _DIFF_PREFIX)
+
+
+def _comparison_section(sites: list[str], regimes: list[str], split: _Split, ci_text: str) -> list[str]:
+    """ALDM minus each baseline (same regime) and the domain-shift gaps per site: the paired AUC
+    difference with its interval (the difference of seed means where a site sent no paired one),
+    and which regime wins where the interval excludes 0; nothing when no baseline or shift row ran."""
     pairs = comparison_pairs(regimes)
     if not pairs:
         return []
+    by_regime = split.by_regime
     rows = []
     for a, b in pairs:
-        row = [f"{a} - {b}"]
-        for site in sites:
-            x, y = by_regime[site].get(a, {}).get("auc_mean"), by_regime[site].get(b, {}).get("auc_mean")
-            row.append("-" if x is None or y is None else f"{x - y:+.3f}")
-        rows.append(row)
+        rows.append([f"{a} - {b}", *(difference_cell(_differences(split, site), a, b,
+                                                      by_regime[site].get(a, {}).get("auc_mean"),
+                                                      by_regime[site].get(b, {}).get("auc_mean")) for site in sites)])
+    verdicts = difference_verdicts({s: _differences(split, s) for s in sites}, pairs, ci_text)
     return ["## ALDM against the baselines, and the domain-shift gap (AUC)", "",
-            "Differences of seed-mean AUCs at each site; positive = the first regime is better. "
-            "Compare with the intervals above: a difference inside overlapping intervals is no evidence.", "",
-            *_table(["difference", *sites], rows), ""]
+            f"Paired AUC differences a - b at each site (mean over seeds) with their {ci_text}interval from a paired "
+            "patient-level bootstrap: each resample draws the test patients once for both regimes, which were "
+            "tested on the same cases. Positive = the first regime is better. **evidence** marks an interval "
+            "that excludes 0; any other difference is within test-set sampling.", "",
+            *_table(["difference", *sites], rows), "", *(f"- {v}" for v in verdicts), *([""] if verdicts else [])]
+
+
+def _faithfulness_section(split: _Split) -> list[str]:
+    """Per site: Dice of the segmenter on the real test cases and on each synthetic set; nothing
+    when no site measured it."""
+    sites = {s: nums for s in sorted(split.work) if (nums := section_numbers(split.work[s], _FAITH_PREFIX))}
+    if not sites:
+        return []
+    header, rows = faithfulness_rows(sites)
+    return ["## Anatomical faithfulness", "", FAITHFULNESS_HOWTO, "", *_table(header, rows), ""]
 
 
 def _auc_difference(by_regime: dict[str, dict[str, Numbers]], site: str) -> float | None:
@@ -246,35 +253,10 @@ def _auc_difference(by_regime: dict[str, dict[str, Numbers]], site: str) -> floa
     return None if a is None or b is None else float(a - b)
 
 
-def _inline(value: Any, nested: bool = False) -> str:
-    """A context value on one line: floats to 4 significant digits, strings (paths) as given (a
-    newline as a space), lists joined by ", ", mappings as `k=v`; inner containers in parentheses."""
-    if isinstance(value, Mapping):
-        text = ", ".join(f"{k}={_inline(v, True)}" for k, v in value.items())
-    elif isinstance(value, (list, tuple)):
-        text = ", ".join(_inline(v, True) for v in value)
-    elif isinstance(value, float) and math.isfinite(value):
-        return repr(float(f"{value:.4g}"))
-    else:
-        return str(value).replace("\n", " ")
-    return f"({text})" if nested else text or "-"
-
-
 def _is_table(value: Any) -> bool:
     """A non-empty mapping of mappings or list of mappings: shown as a table."""
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
     return bool(items) and all(isinstance(v, Mapping) for v in items)
-
-
-def _row(item: Mapping[str, Any]) -> dict[str, str]:
-    """One table row: nested mappings flattened one level (`metrics.loss`), the rest inline."""
-    out: dict[str, str] = {}
-    for key, value in item.items():
-        if isinstance(value, Mapping):
-            out |= {f"{key}.{k}": _inline(v) for k, v in value.items()}
-        else:
-            out[str(key)] = _inline(value)
-    return out
 
 
 def _context(context: Mapping[str, Any]) -> list[str]:
@@ -285,15 +267,15 @@ def _context(context: Mapping[str, Any]) -> list[str]:
     tables: list[str] = []
     for key, value in context.items():
         if _is_table(value):
-            rows = ([{str(key): str(k), **_row(v)} for k, v in value.items()] if isinstance(value, Mapping)
-                    else [_row(v) for v in value])
+            rows = ([{str(key): str(k), **flat_row(v)} for k, v in value.items()] if isinstance(value, Mapping)
+                    else [flat_row(v) for v in value])
             columns = list(dict.fromkeys(c for row in rows for c in row))
             tables += [f"### {str(key).replace('_', ' ').capitalize()}", ""]
             tables += _table(columns, [[row.get(c, "-") for c in columns] for row in rows]) + [""]
         elif isinstance(value, Mapping) and value:
-            items += [f"- **{key}**:"] + [f"  - {k}: {_inline(v)}" for k, v in value.items()]
+            items += [f"- **{key}**:"] + [f"  - {k}: {inline(v)}" for k, v in value.items()]
         else:
-            items.append(f"- **{key}**: {_inline(value)}")
+            items.append(f"- **{key}**: {inline(value)}")
     return ["## Context", "", *items, "", *tables]
 
 
@@ -310,8 +292,8 @@ def _site_work(split: _Split, statuses: Mapping[str, str]) -> list[str]:
     """One row per site (also one listed only with a status): status, the non-regime dotted
     numbers (ControlNet adaptation, synthesis) and the case counts; nothing when no site has
     either a status or such numbers."""
-    # the memorisation audit's numbers have their own section (`_audit_section`)
-    work = _ordered({k for v in split.work.values() for k in v if not k.startswith(_AUDIT_PREFIX)},
+    # the audit, faithfulness and paired differences have their own sections
+    work = _ordered({k for v in split.work.values() for k in v if not k.startswith(tuple(OWN_SECTIONS))},
                     list(_WORK_COLUMNS))
     if not work and not statuses:
         return []
@@ -322,7 +304,7 @@ def _site_work(split: _Split, statuses: Mapping[str, str]) -> list[str]:
     for site in sorted(set(split.site_level) | set(statuses)):
         numbers = {**split.work.get(site, {}), **split.site_level.get(site, {})}
         rows.append([site, *([statuses.get(site, "-")] if statuses else []),
-                     *(_fmt(numbers.get(k)) for k in [*work, *counts])])
+                     *(fmt(numbers.get(k)) for k in [*work, *counts])])
     return ["## Site work", "", "What each site did besides the classifier: status (as the server saw "
             "it), ControlNet adaptation, synthetic volumes made, and its cases.", "",
             *_table(header, rows), ""]
@@ -336,13 +318,13 @@ def _audit_section(split: _Split) -> list[str]:
         return []
     rows = []
     for site in sites:
-        numbers = {k.removeprefix(_AUDIT_PREFIX): v for k, v in split.work[site].items() if k.startswith(_AUDIT_PREFIX)}
+        numbers = section_numbers(split.work[site], _AUDIT_PREFIX)
         excluded = split.site_level.get(site, {}).get("n_synthetic_excluded")
-        rows.append([site, *(_fmt(numbers.get(k)) for k in ("n_audited", "n_flagged")), _fmt(excluded),
-                     *(_fmt(numbers.get(k), 2) for k in ("threshold", "ratio_min", "ratio_q25", "ratio_median",
+        rows.append([site, *(fmt(numbers.get(k)) for k in ("n_audited", "n_flagged")), fmt(excluded),
+                     *(fmt(numbers.get(k), 2) for k in ("threshold", "ratio_min", "ratio_q25", "ratio_median",
                                                          "ratio_q75", "ratio_max", "feature_ratio_median",
                                                          "real_ratio_min")),
-                     _fmt(numbers.get("n_real_below"))])
+                     fmt(numbers.get("n_real_below"))])
     header = ["site", "audited", "flagged", "excluded from training", "threshold", "ratio min", "q25", "median",
               "q75", "max", "feature ratio median", "closest real pair", "real cases below threshold"]
     return ["## Memorisation audit", "",
@@ -364,8 +346,7 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
     lines = [f"# {title}", "", f"Written {created}.", ""]
     if context:
         lines += _context(context)
-    ci = context.get("ci")
-    ci_text = f"{float(ci):.0%} " if isinstance(ci, (int, float)) and not isinstance(ci, bool) else ""
+    ci_text = _ci_text(context)
     lines += [
         "## How to read this",
         "",
@@ -379,8 +360,9 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
         "- **Values** are means over training seeds (± the std over seeds when there are several).",
         f"- **CI**: {ci_text}patient-level bootstrap interval of the seed mean (test patients "
         "resampled with all their slices).",
-        "- **Small n**: with a few test patients per site the intervals are wide; a difference "
-        "inside overlapping intervals is no evidence of an effect.",
+        "- **Small n**: with a few test patients per site the intervals are wide. A difference between "
+        "two regimes is judged by its own paired interval (both regimes resampled on the same test "
+        "patients, in the comparison tables), not by whether two separate intervals overlap.",
         "- **-**: the regime was skipped at that site (e.g. no synthetic volumes, no larger real "
         "pool) or the number is not available.",
         "",
@@ -390,25 +372,28 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
         table = (_metric_table_by_regime(metric, sites, regimes, site_level, by_regime) if wide
                  else _metric_table(metric, sites, regimes, site_level, by_regime))
         lines += [f"## {heading}", ""] + table + [""]
-    lines += _comparison_section(sites, regimes, by_regime)
-    lines += ["## Synthetic data effect: real_syn - real_only (AUC)", ""]
+    lines += _comparison_section(sites, regimes, split, ci_text)
+    lines += ["## Synthetic data effect: real_syn - real_only (AUC)", "",
+              f"The paired difference with its {ci_text}interval (the same test patients resampled for both "
+              "regimes); **evidence** only where the interval excludes 0.", ""]
     rows = []
     for site in sites:
-        diff = _auc_difference(by_regime, site)
-        rows.append([site, _fmt(by_regime[site].get("real_only", {}).get("auc_mean")),
-                     _fmt(by_regime[site].get("real_syn", {}).get("auc_mean")),
-                     "-" if diff is None else f"{diff:+.3f}"])
-    lines += _table(["site", "real_only AUC", "real_syn AUC", "difference"], rows) + [""]
+        a, b = (by_regime[site].get(r, {}).get("auc_mean") for r in ("real_syn", "real_only"))
+        rows.append([site, fmt(b), fmt(a), difference_cell(_differences(split, site), "real_syn", "real_only", a, b)])
+    lines += _table(["site", "real_only AUC", "real_syn AUC", "difference [CI]"], rows) + [""]
+    verdicts = difference_verdicts({s: _differences(split, s) for s in sites}, [("real_syn", "real_only")], ci_text)
+    lines += [f"- {v}" for v in verdicts] + ([""] if verdicts else [])
     lines += ["## Training data", "", "Real / synthetic training cases per regime.", ""]
     rows = []
     for site in sites:
         row = [site]
         for r in regimes:
             v = by_regime[site].get(r)
-            row.append("-" if v is None else f"{_fmt(v.get('n_train_cases_real'))} / "
-                                              f"{_fmt(v.get('n_train_cases_syn'))}")
+            row.append("-" if v is None else f"{fmt(v.get('n_train_cases_real'))} / "
+                                              f"{fmt(v.get('n_train_cases_syn'))}")
         rows.append(row)
     lines += _table(["site", *regimes], rows) + [""]
+    lines += _faithfulness_section(split)
     lines += _audit_section(split)
     lines += _site_work(split, _statuses(context))
     return "\n".join(lines)
@@ -460,8 +445,7 @@ def write_report(
         "context": json.loads(json.dumps(dict(context), default=str)),
         "regimes": regimes,
         "sites": {s: {"site": site_level[s], "regimes": by_regime[s], "work": work[s],
-                      "audit": {k.removeprefix(_AUDIT_PREFIX): v for k, v in work[s].items()
-                                if k.startswith(_AUDIT_PREFIX)},
+                      **{key: section_numbers(work[s], prefix) for prefix, key in OWN_SECTIONS.items()},
                       "auc_diff_real_syn_minus_real_only": _auc_difference(by_regime, s)} for s in names},
     })
 

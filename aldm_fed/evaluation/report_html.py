@@ -12,6 +12,8 @@ figures whose data the report's writer can read:
 |---|---|---|
 | metric tables, site work, context | `report.json` | every report |
 | memorisation audit (when a site ran it) | `sites.<site>.audit` of `report.json` | every report |
+| anatomical faithfulness (when a site measured it) | `sites.<site>.faithfulness` of `report.json` | every report |
+| paired AUC differences with intervals, in the comparison tables | `sites.<site>.differences` of `report.json` | every report |
 | ROC curves, one per training seed, per site and regime | `<classifier>/<regime>/seed_<s>/predictions.json` | a site (`aldm-fed evaluate`) |
 | real vs synthetic montage | `sites/<site>/synthesis/montage.png` | a site |
 | training loss vs step per stage | `metrics.jsonl` of the VAE, backbone, site ControlNet and classifier runs | a site / single-site run |
@@ -34,7 +36,6 @@ import html
 import io
 import json
 import math
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,17 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from aldm_fed.evaluation.regimes import PREDICTIONS_FILE, RESULTS_FILE, comparison_pairs, is_regime, order_regimes
+from aldm_fed.evaluation.report_format import (
+    FAITHFULNESS_HOWTO,
+    OWN_SECTIONS,
+    difference_cell,
+    difference_verdicts,
+    faithfulness_rows,
+    flat_row,
+    fmt,
+    inline,
+    metric_rows,
+)
 from aldm_fed.io import atomic_write_text
 from aldm_fed.synthesis.writer import MONTAGE_NAME
 from aldm_fed.training.artifacts import SITES_DIR, RunLayout
@@ -218,25 +230,6 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return "-" if value is None else str(value)
-    if isinstance(value, numbers.Integral):
-        return str(int(value))
-    return f"{value:.{digits}f}" if math.isfinite(value) else "-"
-
-
-def _inline(value: Any) -> str:
-    """A context value on one line (floats to 4 significant digits, lists joined by ", ")."""
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={_inline(v)}" for k, v in value.items()) or "-"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_inline(v) for v in value) or "-"
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(float(f"{value:.4g}"))
-    return str(value)
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, numeric_from: int = 1,
            cls: str = "") -> str:
     """An HTML table; cells from column `numeric_from` on are right-aligned when they look like
@@ -270,29 +263,18 @@ def _figure(src: str, alt: str, caption: str, *, cls: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-def _flat(item: Mapping[str, Any]) -> dict[str, str]:
-    """One table row: nested mappings flattened one level (`metrics.loss`), the rest inline."""
-    out: dict[str, str] = {}
-    for key, value in item.items():
-        if isinstance(value, Mapping):
-            out |= {f"{key}.{k}": _inline(v) for k, v in value.items()}
-        else:
-            out[str(key)] = _inline(value)
-    return out
-
-
 def _generic(name: str, value: Any) -> str:
     """Any JSON value as HTML: a mapping of mappings or a list of mappings as a table (one row per
     item), a mapping of plain values as a two-column table, anything else inline."""
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else None
     if items is not None and items and all(isinstance(v, Mapping) for v in items):
-        rows = ([{name: str(k), **_flat(v)} for k, v in value.items()] if isinstance(value, Mapping)
-                else [_flat(v) for v in value])
+        rows = ([{name: str(k), **flat_row(v)} for k, v in value.items()] if isinstance(value, Mapping)
+                else [flat_row(v) for v in value])
         columns = list(dict.fromkeys(c for row in rows for c in row))
         return _table(columns, [[row.get(c, "-") for c in columns] for row in rows])
     if isinstance(value, Mapping):
-        return _table(["name", "value"], [[k, _inline(v)] for k, v in value.items()])
-    return f"<p>{_e(_inline(value))}</p>"
+        return _table(["name", "value"], [[k, inline(v)] for k, v in value.items()])
+    return f"<p>{_e(inline(value))}</p>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,25 +284,7 @@ def _generic(name: str, value: Any) -> str:
 def _metric_table(metric: str, data: Mapping[str, Any]) -> str:
     """Sites x regimes: the seed mean (± std over seeds when several), a CI column per regime that
     has an interval at some site; the same layout as report.md."""
-    sites, regimes = data["sites"], list(data.get("regimes", []))
-    with_ci = [r for r in regimes if any(f"{metric}_ci_low" in s["regimes"].get(r, {}) for s in sites.values())]
-    header = ["site", "n test"]
-    for r in regimes:
-        header += [r, f"{r} CI"] if r in with_ci else [r]
-    rows = []
-    for name, s in sites.items():
-        row = [name, _fmt(s["site"].get("n_test_cases"))]
-        for r in regimes:
-            v = s["regimes"].get(r, {})
-            mean, std = v.get(f"{metric}_mean"), v.get(f"{metric}_std")
-            text = _fmt(mean)
-            if mean is not None and std is not None and v.get("n_seeds", 1) > 1:
-                text += f" ± {std:.3f}"
-            row.append(text)
-            if r in with_ci:
-                lo, hi = v.get(f"{metric}_ci_low"), v.get(f"{metric}_ci_high")
-                row.append("-" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]")
-        rows.append(row)
+    header, rows = metric_rows(metric, data["sites"], list(data.get("regimes", [])))
     return _table(header, rows, cls=f"metric metric-{metric}")
 
 
@@ -336,39 +300,39 @@ def _results(data: Mapping[str, Any]) -> str:
              "(K real + synthetic), <code>syn_only</code>, <code>oracle</code> (a larger real pool).</li>",
              "<li><b>Values</b>: means over training seeds (± std over seeds when several). "
              f"<b>CI</b>: {_e(ci_text)}patient-level bootstrap interval of the seed mean.</li>",
-             "<li><b>Small n</b>: with few test patients the intervals are wide; a difference inside "
-             "overlapping intervals is no evidence of an effect. <b>-</b>: skipped or not available.</li>",
+             "<li><b>Small n</b>: with few test patients the intervals are wide. A difference between two "
+             "regimes is judged by its own paired interval (both resampled on the same test patients), not by "
+             "whether two separate intervals overlap. <b>-</b>: skipped or not available.</li>",
              "</ul>"]
     for metric, heading in _TABLES:
         parts += [f'<h3 id="t-{metric}">{_e(heading)}</h3>', _metric_table(metric, data)]
     pairs = comparison_pairs(regimes)
+    diffs = {name: s.get("differences") or {} for name, s in sites.items()}
     if pairs:  # baselines and domain shift (aldm-fed compare)
-        parts.append("<h3>ALDM against the baselines, and the domain-shift gap (AUC)</h3><p>Differences of "
-                     "seed-mean AUCs; positive = the first regime is better. Baselines use sets made from the "
-                     "same masks; <code>shift_from_X</code> trains on site X's real cases (single machine "
-                     "only). Compare with the intervals above.</p>")
-        rows = []
-        for a, b in pairs:
-            cells = []
-            for s in sites.values():
-                x, y = s["regimes"].get(a, {}).get("auc_mean"), s["regimes"].get(b, {}).get("auc_mean")
-                cells.append("-" if x is None or y is None else f"{x - y:+.3f}")
-            rows.append([f"{a} - {b}", *cells])
+        parts.append("<h3>ALDM against the baselines, and the domain-shift gap (AUC)</h3><p>Paired AUC "
+                     f"differences a - b (mean over seeds) with their {_e(ci_text)}interval from a paired "
+                     "patient-level bootstrap (the same test patients resampled for both regimes); positive = "
+                     "the first regime is better; <b>evidence</b> marks an interval that excludes 0. Baselines "
+                     "use sets made from the same masks; <code>shift_from_X</code> trains on site X's real cases "
+                     "(single machine only).</p>")
+        rows = [[f"{a} - {b}", *(difference_cell(diffs[n], a, b, s["regimes"].get(a, {}).get("auc_mean"),
+                                                 s["regimes"].get(b, {}).get("auc_mean")) for n, s in sites.items())]
+                for a, b in pairs]
         parts.append(_table(["difference", *sites], rows, cls="comparison"))
+        parts.append(_verdicts(difference_verdicts(diffs, pairs, ci_text)))
     parts.append("<h3>Synthetic data effect: real_syn - real_only (AUC)</h3>")
     rows = []
     for name, s in sites.items():
-        diff = s.get("auc_diff_real_syn_minus_real_only")
-        rows.append([name, _fmt(s["regimes"].get("real_only", {}).get("auc_mean")),
-                     _fmt(s["regimes"].get("real_syn", {}).get("auc_mean")),
-                     "-" if diff is None else f"{diff:+.3f}"])
-    parts.append(_table(["site", "real_only AUC", "real_syn AUC", "difference"], rows, cls="effect"))
+        a, b = (s["regimes"].get(r, {}).get("auc_mean") for r in ("real_syn", "real_only"))
+        rows.append([name, fmt(b), fmt(a), difference_cell(diffs[name], "real_syn", "real_only", a, b)])
+    parts.append(_table(["site", "real_only AUC", "real_syn AUC", "difference [CI]"], rows, cls="effect"))
+    parts.append(_verdicts(difference_verdicts(diffs, [("real_syn", "real_only")], ci_text)))
     parts.append("<h3>Training data</h3><p>Real / synthetic training cases per regime.</p>")
     rows = []
     for name, s in sites.items():
         rows.append([name, *("-" if r not in s["regimes"] else
-                             f"{_fmt(s['regimes'][r].get('n_train_cases_real'))} / "
-                             f"{_fmt(s['regimes'][r].get('n_train_cases_syn'))}" for r in regimes)])
+                             f"{fmt(s['regimes'][r].get('n_train_cases_real'))} / "
+                             f"{fmt(s['regimes'][r].get('n_train_cases_syn'))}" for r in regimes)])
     parts.append(_table(["site", *regimes], rows, cls="training-data"))
     parts.append(_site_work(data))
     return "\n".join(parts)
@@ -380,8 +344,8 @@ def _site_work(data: Mapping[str, Any]) -> str:
     listed = data.get("context", {}).get("sites")
     statuses = ({str(k): str(v["status"]) for k, v in listed.items() if isinstance(v, Mapping) and "status" in v}
                 if isinstance(listed, Mapping) else {})
-    # the memorisation audit's numbers (`audit.*`) have their own section
-    names = {k for s in sites.values() for k in s.get("work", {}) if not k.startswith("audit.")}
+    # the audit, faithfulness and paired differences have their own sections
+    names = {k for s in sites.values() for k in s.get("work", {}) if not k.startswith(tuple(OWN_SECTIONS))}
     work = [*(k for k in _WORK_COLUMNS if k in names), *sorted(names - set(_WORK_COLUMNS))]
     counts = [k for k in _CASE_COLUMNS if any(k in s["site"] for s in sites.values())]
     if not (work or statuses or counts):
@@ -392,7 +356,7 @@ def _site_work(data: Mapping[str, Any]) -> str:
     for name in sorted(set(sites) | set(statuses)):
         s = sites.get(name, {"site": {}, "work": {}})
         nums = {**s.get("work", {}), **s["site"]}
-        rows.append([name, *([statuses.get(name, "-")] if statuses else []), *(_fmt(nums.get(k)) for k in [*work, *counts])])
+        rows.append([name, *([statuses.get(name, "-")] if statuses else []), *(fmt(nums.get(k)) for k in [*work, *counts])])
     return "<h3>Site work and cases</h3>" + _table(header, rows, cls="site-work")
 
 
@@ -405,13 +369,28 @@ def _audit_section(data: Mapping[str, Any]) -> str | None:
         return None
     columns = list(dict.fromkeys(k for a in audits.values() for k in a))
     excluded = any("n_synthetic_excluded" in sites[n]["site"] for n in audits)
-    rows = [[n, *(_fmt(a.get(k)) for k in columns),
-             *([_fmt(sites[n]["site"].get("n_synthetic_excluded"))] if excluded else [])] for n, a in audits.items()]
+    rows = [[n, *(fmt(a.get(k)) for k in columns),
+             *([fmt(sites[n]["site"].get("n_synthetic_excluded"))] if excluded else [])] for n, a in audits.items()]
     return ("<p>Each site compared its synthetic volumes with its own real training cases (case ids stay at "
             "the site). A ratio is the distance to the nearest real case over the typical distance between "
             "two real cases (0: a copy; ~1: as far as another patient); a volume below the threshold is "
             "flagged as a near-copy. <code>report.md</code> explains each column.</p>" +
             _table(["site", *columns, *(["excluded from training"] if excluded else [])], rows, cls="audit"))
+
+
+def _verdicts(lines: Sequence[str]) -> str:
+    return "<ul class=\"verdicts\">" + "".join(f"<li>{_e(v)}</li>" for v in lines) + "</ul>" if lines else ""
+
+
+def _faithfulness_section(data: Mapping[str, Any]) -> str | None:
+    """Per site: the segmenter's Dice on the real test cases and on each synthetic set
+    (`sites.<site>.faithfulness` of report.json); None when no site measured it."""
+    sites = {n: s["faithfulness"] for n, s in data["sites"].items()
+             if isinstance(s.get("faithfulness"), Mapping) and s["faithfulness"]}
+    if not sites:
+        return None
+    header, rows = faithfulness_rows(sites)
+    return f"<p>{_e(FAITHFULNESS_HOWTO)}</p>" + _table(header, rows, numeric_from=2, cls="faithfulness")
 
 
 def _roc_section(data: Mapping[str, Any], sources: ReportSources) -> str:
@@ -602,7 +581,7 @@ def _context_section(context: Mapping[str, Any]) -> str:
         if values and all(isinstance(v, Mapping) for v in values):
             tables.append(f"<h3>{_e(str(key).replace('_', ' ').capitalize())}</h3>" + _generic(str(key), value))
         else:
-            items.append(f"<tr><th>{_e(key)}</th><td>{_e(_inline(value))}</td></tr>")
+            items.append(f"<tr><th>{_e(key)}</th><td>{_e(inline(value))}</td></tr>")
     return (f'<table class="context"><tbody>{"".join(items)}</tbody></table>' if items else "") + "".join(tables)
 
 
@@ -626,6 +605,9 @@ def render_html(data: Mapping[str, Any], sources: ReportSources | None = None) -
     title = str(data.get("title", "aldm-fed report"))
     extra = [k for k in data if k not in _KNOWN_KEYS]
     sections = [("results", "Results", _results(data))]
+    faith = _faithfulness_section(data)
+    if faith is not None:
+        sections.append(("faithfulness", "Anatomical faithfulness", faith))
     audit = _audit_section(data)
     if audit is not None:
         sections.append(("audit", "Memorisation audit", audit))

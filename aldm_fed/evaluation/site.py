@@ -8,6 +8,16 @@ result.rows                        # run_regimes' table (one row per regime)
 result.metrics()                   # {"real_only.auc_mean": 0.81, ..., "n_test_cases": 8}
 ```
 
+After the classifier regimes, two measures over what they made:
+
+- paired AUC differences (`regimes.paired_differences`): `real_syn` - `real_only`, ALDM - each
+  baseline (same regime) and `real_only` - each domain-shift row, with a paired patient-level
+  bootstrap interval, from the runs' predictions (`<classifier>/differences.json`);
+- anatomical faithfulness (`faithfulness.enabled`, `aldm_fed.evaluation.faithfulness`): one tumour
+  segmenter trained on the K real target cases (`<runs>/sites/<site>/faithfulness/segmenter`,
+  trained once, read back by a rerun), its Dice on the real test cases, on the ALDM set ("aldm")
+  and on each baseline's set, each after the audit's exclusions (`faithfulness.json` beside it).
+
 The volumes, from the site's manifest (`COHORT/manifests/<site>.json`) and its synthesis folder:
 
 | role | cases |
@@ -36,12 +46,22 @@ from typing import Any
 from aldm_fed.data.cache import CaseCache
 from aldm_fed.data.manifest import SiteManifest
 from aldm_fed.data.volumes import load_split, site_manifests
+from aldm_fed.evaluation.faithfulness import (
+    FaithfulnessSettings,
+    faithfulness,
+    faithfulness_metrics,
+    metric_key_pattern,
+)
 from aldm_fed.evaluation.metrics import CLASSIFICATION_METRICS
 from aldm_fed.evaluation.regimes import (
     BASELINE_REGIMES,
+    DIFFERENCE_NUMBERS,
     REGIMES,
     SYNTHETIC_BASELINES,
     ClassifierSettings,
+    difference_name,
+    difference_pairs,
+    paired_differences,
     run_regimes,
     shift_regime,
 )
@@ -52,12 +72,15 @@ from aldm_fed.synthesis.writer import MANIFEST_NAME
 from aldm_fed.training.artifacts import SITES_DIR, RunLayout
 from aldm_fed.training.common import device_setup
 
-__all__ = ["CLASSIFIER_DIR", "METRIC_KEY_PATTERN", "REGIME_NUMBERS", "SITE_NUMBERS", "SiteEvaluation",
-           "enabled_baselines", "evaluate_site"]
+__all__ = ["CLASSIFIER_DIR", "FAITHFULNESS_DIR", "FAITHFULNESS_SETS", "METRIC_KEY_PATTERN", "REGIME_NUMBERS",
+           "SITE_NUMBERS", "SiteEvaluation", "enabled_baselines", "evaluate_site"]
 
 log = logging.getLogger(__name__)
 
 CLASSIFIER_DIR = "classifier"  # <paths.runs>/sites/<site>/classifier
+FAITHFULNESS_DIR = "faithfulness"  # <paths.runs>/sites/<site>/faithfulness (faithfulness.json, segmenter/)
+# The synthetic sets the segmenter measures, under fixed names: the site's ALDM set, each baseline's.
+FAITHFULNESS_SETS: tuple[str, ...] = ("aldm", *SYNTHETIC_BASELINES)
 # The numbers of a run_regimes row that `metrics()` keeps, as `<regime>.<name>` ...
 REGIME_NUMBERS: tuple[str, ...] = (
     "n_seeds", "n_train_cases_real", "n_train_cases_syn", "n_boot_valid",
@@ -67,12 +90,16 @@ REGIME_NUMBERS: tuple[str, ...] = (
 SITE_NUMBERS: tuple[str, ...] = ("n_target_cases", "n_synthetic_cases", "n_synthetic_excluded", "n_test_cases",
                                  "n_test_samples")
 # Every key `metrics()` may produce; fixed names only, so no key can carry a case id or a path
-# (`audit.<name>`: the memorisation audit's counts and ratio statistics). The baselines' regimes
-# have fixed names too; the domain-shift rows (`shift_from_<site>`) do not match: they name a site
-# and exist only in a single-machine comparison.
+# (`audit.<name>`: the memorisation audit's counts and ratio statistics; `faithfulness.<...>`: the
+# segmenter's Dice per set; `diff.<a>__<b>.<name>`: paired AUC differences). The baselines' regimes
+# have fixed names too; the domain-shift rows (`shift_from_<site>`, and the differences naming them)
+# do not match: they name a site and exist only in a single-machine comparison.
+_DIFF_NAMES = [difference_name(a, b) for a, b in difference_pairs([*REGIMES, *BASELINE_REGIMES])]
 METRIC_KEY_PATTERN = re.compile(
     rf"({'|'.join(SITE_NUMBERS)})|({'|'.join((*REGIMES, *BASELINE_REGIMES))})\.({'|'.join(REGIME_NUMBERS)})"
     rf"|{AUDIT_KEY_PATTERN.pattern}"
+    rf"|{metric_key_pattern(FAITHFULNESS_SETS)}"
+    rf"|diff\.({'|'.join(_DIFF_NAMES)})\.({'|'.join(DIFFERENCE_NUMBERS)})"
 )
 
 
@@ -92,6 +119,9 @@ class SiteEvaluation:
         notes: remarks for the site's own report (they may name paths: never sent anywhere).
         n_synthetic_excluded: synthetic volumes left out as near-copies of a real case.
         audit: the memorisation audit's shareable numbers (`AuditResult.summary()`), if it ran.
+        faithfulness: the segmenter's numbers (`faithfulness_metrics`: `faithfulness.<...>`), if
+            it ran.
+        differences: `regimes.paired_differences`' rows (paired AUC differences of regime pairs).
     """
 
     site: str
@@ -103,20 +133,26 @@ class SiteEvaluation:
     notes: list[str] = field(default_factory=list)
     n_synthetic_excluded: int = 0
     audit: dict[str, float | int] = field(default_factory=dict)
+    faithfulness: dict[str, float | int] = field(default_factory=dict)
+    differences: list[dict[str, Any]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float | int]:
         """The results as flat numbers: what a federated site may send to the server.
 
         Keys are `<regime>.<name>` for each regime that ran (`REGIME_NUMBERS`, e.g.
         `real_syn.auc_mean`, `real_syn.n_train_cases_syn`) and the site-level `SITE_NUMBERS`
-        (`n_test_cases`, ...), and the memorisation audit's `audit.<name>` numbers when it ran.
-        Skipped regimes and non-finite values (an interval without valid
-        resamples) are left out rather than sent as NaN.
+        (`n_test_cases`, ...), the memorisation audit's `audit.<name>` numbers when it ran, the
+        faithfulness numbers (`faithfulness.real.dice_mean`, `faithfulness.aldm.dice_mean`,
+        `faithfulness.<baseline>.dice_gap`, ...) when they were measured, and the paired AUC
+        differences as `diff.<a>__<b>.<name>` (`DIFFERENCE_NUMBERS`, e.g.
+        `diff.real_syn__real_only.auc_ci_low`). Skipped regimes and non-finite values (an interval
+        without valid resamples) are left out rather than sent as NaN.
 
         Returns:
             name -> int (counts) or float (metrics), all finite; every name matches
-            `METRIC_KEY_PATTERN`, except the domain-shift rows (`shift_from_<X>.<name>`) that
-            `evaluate_site` makes only when its caller asks (single machine; never shareable).
+            `METRIC_KEY_PATTERN`, except the domain-shift rows (`shift_from_<X>.<name>`,
+            `diff.real_only__shift_from_<X>.<name>`) that `evaluate_site` makes only when its
+            caller asks (single machine; never shareable).
         """
         out: dict[str, float | int] = {
             "n_target_cases": int(self.n_target_cases),
@@ -125,6 +161,10 @@ class SiteEvaluation:
             "n_test_cases": int(self.n_test_cases),
         }
         out |= {k: x for k, v in self.audit.items() if (x := _finite_number(v)) is not None}
+        out |= {k: x for k, v in self.faithfulness.items() if (x := _finite_number(v)) is not None}
+        for d in self.differences:
+            name = difference_name(d["a"], d["b"])
+            out |= {f"diff.{name}.{k}": x for k in DIFFERENCE_NUMBERS if (x := _finite_number(d.get(k))) is not None}
         for row in self.rows:
             if row.get("status") != "ok":
                 continue
@@ -220,17 +260,19 @@ def evaluate_site(
     shift_from: Sequence[str] = (),
 ) -> SiteEvaluation:
     """Train the downstream classifier under every configured regime on a site's own data and test
-    it on the site's held-out real cases.
+    it on the site's held-out real cases; then the paired AUC differences of regime pairs and, with
+    `faithfulness.enabled`, the anatomical faithfulness of each synthetic set.
 
-    Finished runs are not retrained: a repeated call reads them back (see `run_regimes`).
+    Finished runs are not retrained: a repeated call reads them back (see `run_regimes`; the
+    segmenter likewise).
 
     Args:
-        cfg: the composed config (reads `paths`, `data`, `device`, `classifier`, `audit`,
-            `baselines`).
+        cfg: the composed config (reads `paths`, `data`, `device`, `seed`, `classifier`, `audit`,
+            `baselines`, `faithfulness`).
         site: the site; None = `cfg.site`.
         progress: show progress bars (cache preparation and, if `classifier.train.progress`,
             classifier training).
-        overwrite: retrain runs whose folder holds another config.
+        overwrite: retrain runs (classifier, segmenter) whose folder holds another config.
         baselines: synthetic baselines to compare (`real_syn_<b>`, `syn_only_<b>`), each read from
             `aldm_fed.synthesis.baselines.baseline_dir`; None = `cfg.baselines.enabled`. A baseline
             without a finished set is skipped with a note.
@@ -330,9 +372,31 @@ def evaluate_site(
                      f"{', '.join(shift_sites)}, tested on site {site_name}'s test cases (single machine only)")
 
     # 5. Every regime x seed, tested on the real held-out cases.
-    run_dir = RunLayout.from_cfg(cfg).root / SITES_DIR / site_name / CLASSIFIER_DIR
+    site_dir = RunLayout.from_cfg(cfg).root / SITES_DIR / site_name
+    run_dir = site_dir / CLASSIFIER_DIR
+    setup = device_setup(cfg)
     rows = run_regimes(real, syn, test_items, s, run_dir, oracle_items=oracle, baseline_items=baseline_items,
-                       shift_items=shift_items, device=device_setup(cfg), overwrite=overwrite)
+                       shift_items=shift_items, device=setup, overwrite=overwrite)
+
+    # 6. Paired AUC differences (real_syn - real_only, ALDM - baselines, the shift gaps), from the
+    #    runs' predictions.
+    differences = paired_differences(rows, run_dir, s)
+
+    # 7. Anatomical faithfulness: one segmenter on the K real cases; Dice on the real test cases and
+    #    on every synthetic set that exists (the same sets, after the audit, as the classifiers').
+    faith: dict[str, float | int] = {}
+    fs = FaithfulnessSettings.from_mapping(cfg.faithfulness)
+    if fs.enabled:
+        if not progress:
+            fs = replace(fs, train=replace(fs.train, progress=False))  # not part of the run's identity
+        sets = {name: items for name, items in (("aldm", syn), *baseline_items.items()) if items}
+        if not sets:
+            notes.append("anatomical faithfulness: no synthetic set to measure; only the segmenter's Dice on "
+                         "the real test cases is reported")
+        result = faithfulness(fs, real, test_items, sets, site_dir / FAITHFULNESS_DIR, seed=int(cfg.seed),
+                              device=setup, overwrite=overwrite)
+        faith = faithfulness_metrics(result)
     return SiteEvaluation(site=site_name, rows=rows, run_dir=run_dir, n_target_cases=len(real),
                           n_synthetic_cases=len(syn), n_test_cases=len(test_items), notes=notes,
-                          n_synthetic_excluded=len(excluded), audit=audit_numbers)
+                          n_synthetic_excluded=len(excluded), audit=audit_numbers, faithfulness=faith,
+                          differences=differences)

@@ -15,6 +15,12 @@ round checkpoint (`global_models.ServerState`). `status.json` in `fed.state` say
 (`running` with the phase, `done` with the report, or `failed` with the error), for the launcher
 and for people. Every message that carries global weights (vae, scale, backbone, local) is
 signed with the server's Ed25519 key (`signing.server_signer`); sites refuse what does not verify.
+
+Transfer dtype: the FedAvg rounds send the global weights in `fed.transfer_dtype` and sites reply
+in it (`records`); the scale and local phases always send float32, because a site installs those
+weights as the global `final/` and checks them bit for bit against the server's sha256. Each round's
+cost (wall time, overhead beyond the sites' compute, weight bytes per site) goes into
+`rounds.jsonl` ("cost"), its per-phase summary into `status.json` and the report ("federation_cost").
 """
 
 from __future__ import annotations
@@ -39,15 +45,15 @@ from aldm_fed.federation.aggregation import RobustSettings
 from aldm_fed.federation.compatibility import encode_shapes, model_shapes, shapes_fingerprint
 from aldm_fed.federation.global_models import ServerState, backbone_meta, initial_weights, vae_meta
 from aldm_fed.federation.privacy import CentralDP, PrivacySettings, releases_before, run_privacy
-from aldm_fed.federation.records import from_array_record, to_array_record
+from aldm_fed.federation.records import from_array_record, to_array_record, transfer_dtype
 from aldm_fed.federation.sharing import PROTOCOL, SharingError, check_reply
 from aldm_fed.federation.signing import Signer, server_signer, sign_content
-from aldm_fed.federation.strategy import FederationError, PhaseFedAvg, replies_by_node
+from aldm_fed.federation.strategy import FederationError, PhaseFedAvg, TrafficMeter, replies_by_node
 from aldm_fed.io import atomic_write_json
 from aldm_fed.training.artifacts import checkpoint_identity, write_final
 from aldm_fed.training.scale import LatentStats, scale_factor_from_stats
 
-__all__ = ["STATUS_FILE", "SiteInfo", "expected_sites", "run_federation"]
+__all__ = ["STATUS_FILE", "SiteInfo", "cost_summary", "expected_sites", "run_federation"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +109,7 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
         atomic_write_json(state.root / STATUS_FILE, status)
 
     try:
-        PrivacySettings.from_config(cfg)  # refuse bad fed.privacy options before waiting for sites
+        _check_transfer(cfg)  # refuse bad fed.privacy / fed.transfer_dtype options before waiting for sites
         mark(phase="hello")
         sites = _roll_call(grid, cfg)
         source = {n: s.name for n, s in sites.items() if s.n_source > 0}
@@ -111,7 +117,7 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
             raise FederationError(f"no connected site holds source cases ({[s.name for s in sites.values()]})")
         mark(phase="vae", sites=sorted(s.name for s in sites.values()), privacy=run_privacy(cfg, len(source)))
         vae_ckpt = _fedavg_phase(grid, cfg, state, "vae", source, extra={}, signer=signer)
-        mark(phase="scale")
+        mark(phase="scale", cost=cost_summary(state.rounds()))
         scale_ckpt = _scale_phase(grid, cfg, state, sites, vae_ckpt, signer)
         mark(phase="backbone")
         bb_ckpt = _fedavg_phase(
@@ -120,7 +126,7 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
                    "scale-sha256": checkpoint_identity(scale_ckpt)["sha256"]},
             vae_ckpt=vae_ckpt, scale_ckpt=scale_ckpt, signer=signer,
         )
-        mark(phase="local")
+        mark(phase="local", cost=cost_summary(state.rounds()))
         results = _local_phase(grid, cfg, state, sites, vae_ckpt, bb_ckpt, signer)
         report = _report(cfg, state, sites, results, time.monotonic() - t0)
         mark(status="done", phase="done", finished=_now(), report=str(report),
@@ -130,6 +136,48 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
         raise
     log.info("federated run done in %.0f s; report: %s", time.monotonic() - t0, status["report"])
     return status
+
+
+def _check_transfer(cfg: Any) -> None:
+    """`fed.transfer_dtype` and `fed.privacy` together (central DP clips the replies as NumPy
+    arrays, and NumPy has no bfloat16)."""
+    dp = PrivacySettings.from_config(cfg).dp
+    dtype = transfer_dtype(cfg)
+    if dp.enabled and dtype == "bfloat16":
+        raise ValueError("fed.transfer_dtype=bfloat16 cannot be combined with fed.privacy.dp.enabled=true "
+                         "(central DP clips the replies as NumPy arrays, which have no bfloat16); "
+                         "use fed.transfer_dtype=float16 or float32")
+
+
+def cost_summary(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per FedAvg phase, the mean cost of its logged rounds (`rounds.jsonl` lines with "cost").
+
+    Args:
+        rounds: the logged rounds (`ServerState.rounds`).
+
+    Returns:
+        phase -> rounds, transfer_dtype, params_bytes_fp32, and the means over rounds of wall_s,
+        max_compute_s, overhead_s, overhead_fraction, and of bytes_sent / bytes_received per site.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for phase in dict.fromkeys(r["phase"] for r in rounds if isinstance(r.get("cost"), dict)):
+        costs = [r["cost"] for r in rounds if r["phase"] == phase and isinstance(r.get("cost"), dict)]
+
+        def mean(values: list[Any]) -> float | None:
+            values = [float(v) for v in values if isinstance(v, int | float)]
+            return round(sum(values) / len(values), 4) if values else None
+
+        per_site = [s for c in costs for s in c.get("sites", {}).values()]
+        out[phase] = {
+            "rounds": len(costs),
+            "transfer_dtype": costs[-1].get("transfer_dtype"),
+            "params_bytes_fp32": costs[-1].get("params_bytes_fp32"),
+            **{key: mean([c.get(key) for c in costs])
+               for key in ("wall_s", "max_compute_s", "overhead_s", "overhead_fraction")},
+            "bytes_sent_per_site": mean([s.get("bytes_sent") for s in per_site]),
+            "bytes_received_per_site": mean([s.get("bytes_received") for s in per_site]),
+        }
+    return out
 
 
 # ------------------------------------------------------------------------------------ phases
@@ -233,25 +281,35 @@ def _fedavg_phase(
     if done:
         log.info("[%s] resuming after round %d of %d", phase, done, rounds)
 
+    meter = TrafficMeter(grid)  # weight bytes per site, counted as they cross the grid
+    inner: list[PhaseFedAvg] = []  # the FedAvg strategy (inside central DP, if on): its round cost
+
     def on_round(rnd: int, arrays: Any, metrics: Any, used: list[str]) -> None:
+        cost = inner[0].round_cost() if inner else {}
         state.save_round(phase, rnd, from_array_record(arrays),
-                         {"sites": used, "metrics": dict(metrics), "inputs": inputs})
+                         {"sites": used, "metrics": dict(metrics), "inputs": inputs}, log_only={"cost": cost})
+        if cost:
+            log.info("[%s] round %d: %.1f s, %.0f%% beyond the slowest site's compute; %s weights, %d bytes "
+                     "to each site (%d at float32)", phase, rnd, cost["wall_s"], 100 * (cost["overhead_fraction"] or 0),
+                     cost["transfer_dtype"], max((s.get("bytes_sent", 0) for s in cost["sites"].values()), default=0),
+                     cost["params_bytes_fp32"])
 
     if done < rounds:
         initial = to_array_record(groups)
         def build(callback: Any) -> PhaseFedAvg:
-            return PhaseFedAvg(
+            inner.append(PhaseFedAvg(
                 phase, nodes, expected={k: tuple(a.shape) for k, a in initial.items()},
                 on_round=callback, round_offset=done, min_replies=int(cfg.fed.min_replies), signer=signer,
-                robust=RobustSettings.from_cfg(cfg.fed),
-            )
+                robust=RobustSettings.from_cfg(cfg.fed), transfer_dtype=transfer_dtype(cfg), meter=meter,
+            ))
+            return inner[0]
 
         # Central DP noises each aggregate before `on_round` checkpoints it (privacy.CentralDP).
         strategy = (CentralDP(build, dp, on_round, population=len(nodes),
                               releases_before=releases_before(cfg, phase))
                     if dp.enabled else build(on_round))
         strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=rounds - done,
+            grid=meter, initial_arrays=initial, num_rounds=rounds - done,
             timeout=float(cfg.fed.round_timeout_s),
             train_config=ConfigRecord({"local-steps": local_steps, **extra}),
         )
@@ -368,7 +426,9 @@ def _report(cfg: Any, state: ServerState, sites: Mapping[int, SiteInfo], results
         "sites": {s.name: {"source": s.n_source, "target": s.n_target, "test": s.n_test, "status": results[s.name]["status"]}
                   for s in sorted(sites.values(), key=lambda s: s.name)},
         "phases": plain_config(cfg.fed.phases),
-        "rounds": state.rounds(),
+        # each round's cost in full stays in rounds.jsonl; the report has its per-phase means
+        "rounds": [{k: v for k, v in r.items() if k != "cost"} for r in state.rounds()],
+        "federation_cost": cost_summary(state.rounds()),
         "privacy": run_privacy(cfg, sum(s.n_source > 0 for s in sites.values())),
         "seconds": round(seconds, 1),
         "global_models": {p: str(state.layout.final(p)) for p in ("vae", "scale", "backbone")},

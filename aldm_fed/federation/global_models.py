@@ -10,7 +10,8 @@ Server (`cfg.fed.state`, `cfg.paths.runs`):
 <fed.state>/
   rounds/<phase>/round_0003/      global weights after round 3 of a FedAvg phase (checkpoint;
                                     meta: phase, round, sites, metrics); the last two are kept
-  rounds.jsonl                    one line per completed round (phase, round, sites, metrics, time)
+  rounds.jsonl                    one line per completed round (phase, round, sites, metrics, time,
+                                    cost: wall time, overhead, bytes per site; docs/contracts.md)
 ```
 
 A restarted server resumes each phase from its newest round checkpoint; a phase whose `final/`
@@ -205,15 +206,26 @@ class ServerState:
         return 0, None
 
     def save_round(
-        self, phase: str, rnd: int, groups: Mapping[str, Mapping[str, torch.Tensor]], info: Mapping[str, Any]
+        self,
+        phase: str,
+        rnd: int,
+        groups: Mapping[str, Mapping[str, torch.Tensor]],
+        info: Mapping[str, Any],
+        log_only: Mapping[str, Any] | None = None,
     ) -> Path:
         """Log then checkpoint one completed round (atomic); keep the newest `_KEEP_ROUNDS`.
 
         The log line comes first: a kill between the two leaves a line for a round without a
         checkpoint, which `truncate_log` drops when the round is redone.
+
+        Args:
+            phase, rnd: the round.
+            groups: the global weights after it.
+            info: sites, metrics, inputs: in the log line and the checkpoint's meta.
+            log_only: fields for the log line only (the round's "cost").
         """
         line = {"phase": phase, "round": rnd, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                **plain_config(dict(info))}
+                **plain_config(dict(info)), **plain_config(dict(log_only or {}))}
         with open(self.root / ROUNDS_LOG, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
         path = save_checkpoint(self.round_dir(phase, rnd), groups, {"phase": phase, "round": rnd, **info})

@@ -7,14 +7,15 @@ shared networks), a MetricRecord "metrics" (finite scalar numbers) and a ConfigR
 | phase | arrays (groups) | metrics | config |
 |---|---|---|---|
 | hello | - | n-source, n-target, n-test | site, protocol, version, model-sha256 |
-| vae | vae | num-examples + training scalars | - |
+| vae | vae | num-examples, compute-seconds + training scalars | - |
 | scale | - | num-examples, latent-count, latent-sum, latent-sum-sq | - |
-| backbone | unet, controlnet | num-examples + training scalars | - |
+| backbone | unet, controlnet | num-examples, compute-seconds + training scalars | - |
 | local | - | adaptation, synthesis, memorisation-audit (`audit.*`) and classifier scalars | - |
 
 Never: images, latents, masks, case ids, file paths, the site's own ControlNet, its classifier or
-its discriminator. Metric names must fully match fixed names (the local phase's classifier numbers
-are `aldm_fed.evaluation.site.METRIC_KEY_PATTERN`, a list of fixed names too), so a name cannot
+its discriminator. Weights travel in `fed.transfer_dtype` (float32, float16 or bfloat16; `records`):
+a reply's floating arrays may be in any of these, and a float16 overflow (inf) is refused by name.
+Metric names must fully match fixed names (the local phase's classifier numbers are `aldm_fed.evaluation.site.METRIC_KEY_PATTERN`, a list of fixed names too), so a name cannot
 smuggle a case id or a path; values must be finite scalars (no lists). `check_reply` is applied by the ClientApp to every outgoing reply
 (`allow_list_mod`) and by the server to every incoming one.
 
@@ -34,10 +35,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from aldm_fed.evaluation.site import METRIC_KEY_PATTERN
-from aldm_fed.federation.records import group_of
+from aldm_fed.federation.records import array_tensor, group_of
 from aldm_fed.synthesis.audit import AUDIT_KEY_PATTERN
 
 __all__ = [
@@ -53,9 +55,14 @@ __all__ = [
     "site_reply",
 ]
 
-PROTOCOL = 2  # bumped whenever the messages below change; the hello phase compares it
+PROTOCOL = 3  # bumped whenever the messages below change; the hello phase compares it
+# 3: weights may travel as float16/bfloat16 (fed.transfer_dtype, signed as sent); compute-seconds
 
 _TRAIN_SCALARS = ("loss", "l1", "kl", "perceptual", "adv_g", "adv_d", "grad_norm", "steps")
+# Seconds the site spent inside its training function in a round (the server's overhead accounting).
+_ROUND_COST = "compute-seconds"
+# Dtypes a weight may travel in: floating ones in a fed.transfer_dtype, buffers as they are.
+_WIRE_DTYPES = frozenset({"float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"})
 
 
 @dataclass(frozen=True)
@@ -78,9 +85,10 @@ class PhaseRule:
 
 ALLOW_LIST: dict[str, PhaseRule] = {
     "hello": PhaseRule(metrics=r"n-(source|target|test)", config=("site", "protocol", "version", "model-sha256")),
-    "vae": PhaseRule(groups=("vae",), metrics=rf"num-examples|{'|'.join(_TRAIN_SCALARS)}"),
+    "vae": PhaseRule(groups=("vae",), metrics=rf"num-examples|{_ROUND_COST}|{'|'.join(_TRAIN_SCALARS)}"),
     "scale": PhaseRule(metrics=r"num-examples|latent-(count|sum|sum-sq)"),
-    "backbone": PhaseRule(groups=("unet", "controlnet"), metrics=rf"num-examples|{'|'.join(_TRAIN_SCALARS)}"),
+    "backbone": PhaseRule(groups=("unet", "controlnet"),
+                          metrics=rf"num-examples|{_ROUND_COST}|{'|'.join(_TRAIN_SCALARS)}"),
     "local": PhaseRule(  # the classifier's numbers: aldm_fed.evaluation.site.SiteEvaluation.metrics
         metrics=rf"adapt\.({'|'.join(_TRAIN_SCALARS)})|synthesis\.n_volumes|n_(source|target|test)_cases"
         rf"|{AUDIT_KEY_PATTERN.pattern}"  # the audit's counts and ratio statistics, never an id
@@ -158,9 +166,19 @@ def _check_arrays(
     for key, array in arrays.items():
         if expected is not None and tuple(array.shape) != tuple(expected[key]):
             raise SharingError(f"phase {phase}: {key} has shape {tuple(array.shape)}, expected {tuple(expected[key])}")
-        values = array.numpy()
-        if values.dtype.kind == "f" and not bool(abs(values).max(initial=0.0) < math.inf):
-            raise SharingError(f"phase {phase}: {key} holds NaN or Inf")
+        try:
+            values = array_tensor(array)
+        except (TypeError, ValueError) as exc:
+            raise SharingError(f"phase {phase}: {key} cannot be decoded ({exc})") from None
+        if tuple(values.shape) != tuple(array.shape):
+            raise SharingError(f"phase {phase}: {key} says shape {tuple(array.shape)} but holds {tuple(values.shape)}")
+        dtype = str(values.dtype).removeprefix("torch.")
+        if dtype not in _WIRE_DTYPES:
+            raise SharingError(f"phase {phase}: {key} travels as {dtype}; allowed: {sorted(_WIRE_DTYPES)}")
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            why = (f" (it travels as {dtype}, fed.transfer_dtype: values beyond +-{torch.finfo(values.dtype).max:.4g} "
+                   f"overflow to inf; use fed.transfer_dtype=bfloat16 or float32)" if dtype == "float16" else "")
+            raise SharingError(f"phase {phase}: {key} holds NaN or Inf{why}")
 
 
 def site_reply(

@@ -4,8 +4,9 @@ and a site verifies it before it loads any of those weights into a network or on
 What one signature covers (`signed_payload`): every entry of the message's ConfigRecord except
 `signature` itself, as canonical JSON, where the server has added
 
-    weights-sha256   `state_sha256` of the weights exactly as the site decodes them
-                     (`records.from_array_record`: every tensor's name, dtype, shape and bytes)
+    weights-sha256   `state_sha256` of the weights exactly as they travel, in the wire dtype
+                     (`fed.transfer_dtype`; `records.from_array_record(..., as_sent=True)`:
+                     every tensor's name, dtype, shape and bytes)
     signature-key    the SHA-256 fingerprint of the signing key (`ssh-keygen -lf` format)
 
 So the phase, the round, the local steps, the scale factor, the checkpoint metadata the site
@@ -150,7 +151,7 @@ class Signer:
             config: the message's other settings (phase, round, metadata, ...).
         """
         fields = {k: v for k, v in dict(config).items() if k != SIGNATURE_FIELD}
-        fields[WEIGHTS_FIELD] = state_sha256(from_array_record(arrays))
+        fields[WEIGHTS_FIELD] = state_sha256(from_array_record(arrays, as_sent=True))  # the wire bytes
         fields[KEY_FIELD] = self.fingerprint
         return ConfigRecord({**fields, SIGNATURE_FIELD: self.key.sign(signed_payload(fields)).hex()})
 
@@ -228,14 +229,16 @@ class Verifier:
                 f"[{where}] refused the global weights: the signature does not verify with "
                 f"{self.fingerprint}: the message's settings, metadata or signature were altered on the way"
             ) from None
-        weights = from_array_record(content["arrays"], groups)
-        got, signed = state_sha256(weights), str(config.get(WEIGHTS_FIELD))
+        sent = from_array_record(content["arrays"], groups, as_sent=True)  # hashed as they travelled
+        got, signed = state_sha256(sent), str(config.get(WEIGHTS_FIELD))
         if got != signed:
             raise SignatureError(
                 f"[{where}] refused the global weights: they hash to {got[:16]}..., the server signed "
                 f"{signed[:16]}...: they were altered on the way"
             )
-        return weights
+        # Sites train in float32 whatever the wire dtype (fed.transfer_dtype).
+        return {g: {k: t.float() if t.is_floating_point() else t for k, t in state.items()}
+                for g, state in sent.items()}
 
 
 def _where(config: Mapping[str, Any]) -> str:

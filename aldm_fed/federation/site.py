@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,11 @@ from aldm_fed import __version__
 from aldm_fed.checkpoints import load_checkpoint
 from aldm_fed.data.volumes import load_split, site_manifests
 from aldm_fed.federation.global_models import install_global
-from aldm_fed.federation.records import from_array_record, to_array_record
+from aldm_fed.federation.records import (
+    from_array_record,
+    to_array_record,
+    transfer_dtype,
+)
 from aldm_fed.federation.sharing import ALLOW_LIST, PROTOCOL, site_reply
 from aldm_fed.training.artifacts import RunLayout, load_final
 from aldm_fed.training.backbone import train_backbone
@@ -189,13 +194,15 @@ def vae_round(
         prev = load_checkpoint(previous[-1] / "final")
         if "disc" in prev.tensors and float(scfg.train.vae.adv_weight) > 0:
             init = {**init, "disc": prev.tensors["disc"]}
+    started = time.perf_counter()  # the round's compute, for the server's overhead accounting
     result = train_vae(scfg, volumes, run_dir, init_state=init, progress=False)
+    compute = time.perf_counter() - started
     weights = load_checkpoint(result.checkpoint, groups=["vae"]).tensors["vae"]
     _prune_rounds(run_dir)
     log.info("site %s: vae round %d: %d steps on %d cases, loss %.4g", site.name, rnd, local_steps,
              len(volumes), result.metrics.get("loss", float("nan")))
-    return site_reply("vae", metrics=_train_metrics("vae", result.metrics, len(volumes)),
-                      arrays=to_array_record({"vae": weights}))
+    return site_reply("vae", metrics={**_train_metrics("vae", result.metrics, len(volumes)), "compute-seconds": compute},
+                      arrays=to_array_record({"vae": weights}, transfer_dtype(cfg)))
 
 
 def scale_statistics(
@@ -243,17 +250,21 @@ def backbone_round(
     latents = cached_latents(scfg, site.layout, vae_ckpt, volumes, False)
     init = {"unet": global_groups["unet"], "controlnet": global_groups["controlnet"]}
     run_dir = _round_dir(site, "backbone", rnd, init)
+    started = time.perf_counter()
     result = train_backbone(
         scfg, latents, run_dir, scale_factor=scale_factor,
         sources={"vae": vae_source(vae_ckpt), "scale": {"sha256": scale_sha256}},
         init_state=init, progress=False,
     )
+    compute = time.perf_counter() - started
     weights = load_checkpoint(result.checkpoint, groups=["unet", "controlnet"]).tensors
     _prune_rounds(run_dir)
     log.info("site %s: backbone round %d: %d steps on %d cases, loss %.4g", site.name, rnd, local_steps,
              len(latents), result.metrics.get("loss", float("nan")))
-    return site_reply("backbone", metrics=_train_metrics("backbone", result.metrics, len(latents)),
-                      arrays=to_array_record({"unet": weights["unet"], "controlnet": weights["controlnet"]}))
+    return site_reply("backbone", metrics={**_train_metrics("backbone", result.metrics, len(latents)),
+                                           "compute-seconds": compute},
+                      arrays=to_array_record({"unet": weights["unet"], "controlnet": weights["controlnet"]},
+                                             transfer_dtype(cfg)))
 
 
 def local_phase(

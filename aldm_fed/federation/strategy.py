@@ -8,6 +8,16 @@ global shapes (naming the site), rejects updates whose norm is far outside the r
 `min_replies` valid updates (Flower has no such check), aggregates the rest with FedAvg or a
 robust rule (`fed.aggregation`: median, trimmed_mean) and hands each aggregate to `on_round`
 (the server's checkpoint).
+
+Transfer dtype (`fed.transfer_dtype`): the global weights go out cast to it (and signed as
+sent); replies, checked as they arrived, are cast back to float32 before the norm check and
+aggregation, which always run in float32.
+
+Round cost: `TrafficMeter` wraps the server's grid and counts the weight bytes of every message
+sent and reply received (`ArrayRecord.count_bytes`: the arrays' serialized payload, NumPy headers
+and key names included; not the config, signature or gRPC framing) and each reply's
+`compute-seconds` (the time the site spent in its training function). `PhaseFedAvg.round_cost`
+adds the round's wall time at the server: overhead = wall - the slowest site's compute.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -28,10 +39,13 @@ from aldm_fed.federation.aggregation import (
     trimmed_count,
     update_norms,
 )
+from aldm_fed.federation.records import from_array_record, params_nbytes, to_array_record
 from aldm_fed.federation.sharing import SharingError, check_reply
 from aldm_fed.federation.signing import Signer, sign_content
 
-__all__ = ["FederationError", "PhaseFedAvg", "RoundCallback", "replies_by_node"]
+__all__ = ["COMPUTE_METRIC", "FederationError", "PhaseFedAvg", "RoundCallback", "TrafficMeter", "replies_by_node"]
+
+COMPUTE_METRIC = "compute-seconds"  # a reply's seconds inside the site's training function
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +70,9 @@ class PhaseFedAvg(FedAvg):
         robust: the aggregator and the norm-outlier rule (`fed.aggregation`, `fed.robust`);
             None = FedAvg with the default norm rule (`RobustSettings()`).
         signer: signs the global weights each round sends (`signing`); None = unsigned.
+        transfer_dtype: the wire dtype of the global weights' floating tensors (`fed.transfer_dtype`).
+        meter: the grid's `TrafficMeter` (per-site bytes and compute of `round_cost`); None = no
+            byte counts.
     """
 
     def __init__(
@@ -69,6 +86,8 @@ class PhaseFedAvg(FedAvg):
         min_replies: int = 1,
         robust: RobustSettings | None = None,
         signer: Signer | None = None,
+        transfer_dtype: str = "float32",
+        meter: TrafficMeter | None = None,
     ) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=len(nodes),
                          min_available_nodes=len(nodes))
@@ -83,14 +102,24 @@ class PhaseFedAvg(FedAvg):
         self._reference: ArrayRecord | None = None  # the global weights sent this round
         self._sent: list[Message] = []
         self._started = time.monotonic()
+        self.transfer_dtype = transfer_dtype
+        self.meter = meter
+        self._params_nbytes = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config = ConfigRecord({**dict(config), "phase": self.phase, "round": self.round_offset + server_round})
+        self._started = time.monotonic()  # the round's wall time starts here: casting and signing count
+        self._params_nbytes = params_nbytes(arrays)
+        if self.meter is not None:
+            self.meter.reset()
+        wire = arrays
+        if self.transfer_dtype != "float32":
+            wire = to_array_record(from_array_record(arrays), self.transfer_dtype)
+            arrays = to_array_record(from_array_record(wire))  # what the sites will train from
         self._reference = arrays  # updates are measured against what the sites received
-        self._started = time.monotonic()
-        record = sign_content(self.signer, RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config}))
+        record = sign_content(self.signer, RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config}))
         # Kept: the grid stamps each with its message id, which tells whose reply an error is.
         self._sent = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in self.nodes]
         return self._sent
@@ -107,10 +136,11 @@ class PhaseFedAvg(FedAvg):
                             str(msg.error.reason).strip().splitlines()[-1][:500])
                 continue
             try:
-                check_reply(self.phase, msg.content, self.expected)
+                check_reply(self.phase, msg.content, self.expected)  # as it arrived, in its wire dtype
             except SharingError as exc:
                 log.warning("%s round %d: rejected the update of site %s: %s", self.phase, rnd, site, exc)
                 continue
+            _to_float32(msg.content, self.arrayrecord_key)  # norms and aggregation in float32 only
             valid.append(msg)
         valid = self._drop_norm_outliers(rnd, valid)
         used = sorted(self.nodes[m.metadata.src_node_id] for m in valid)
@@ -124,12 +154,37 @@ class PhaseFedAvg(FedAvg):
         arrays, metrics = self._aggregate(server_round, rnd, valid)
         if arrays is None:
             raise FederationError(f"{self.phase} round {rnd}: nothing to aggregate")
-        metrics = metrics if metrics is not None else MetricRecord({})
+        metrics = MetricRecord({k: v for k, v in (metrics or {}).items() if k != COMPUTE_METRIC})  # per site
         self.on_round(rnd, arrays, metrics, used)
         loss = metrics.get("loss")
         log.info("[%s] round %d: averaged %d site(s) %s%s in %.1f s", self.phase, rnd, len(used), used,
                  f", loss {loss:.4g}" if isinstance(loss, float) else "", time.monotonic() - self._started)
         return arrays, metrics
+
+    def round_cost(self) -> dict[str, Any]:
+        """The current round's cost (the names of `rounds.jsonl`'s "cost"; docs/contracts.md).
+
+        wall_s runs from `configure_train` (cast, sign, send) to now (replies checked, decoded and
+        aggregated); per site, the bytes of weights sent to it and received from it and the
+        compute-seconds it reported; overhead_s = wall_s - the largest compute_s, and its fraction
+        of wall_s. Sites that did not reply have no compute_s.
+        """
+        wall = time.monotonic() - self._started
+        sites: dict[str, dict[str, Any]] = {}
+        traffic = self.meter.snapshot() if self.meter is not None else {}
+        for node, name in sorted(self.nodes.items(), key=lambda kv: kv[1]):
+            sites[name] = {k: v for k, v in traffic.get(node, {}).items() if v is not None}
+        computes = [s["compute_s"] for s in sites.values() if "compute_s" in s]
+        slowest = max(computes) if computes else 0.0
+        return {
+            "wall_s": round(wall, 3),
+            "max_compute_s": round(slowest, 3),
+            "overhead_s": round(wall - slowest, 3),
+            "overhead_fraction": round((wall - slowest) / wall, 4) if wall > 0 else None,
+            "transfer_dtype": self.transfer_dtype,
+            "params_bytes_fp32": self._params_nbytes,
+            "sites": sites,
+        }
 
     def _site(self, msg: Message) -> str:
         return self.nodes.get(msg.metadata.src_node_id, f"node {msg.metadata.src_node_id}")
@@ -173,6 +228,61 @@ class PhaseFedAvg(FedAvg):
         arrays = aggregate_arrays(contents, method, weighted_by_key=self.weighted_by_key,
                                   trim_fraction=self.robust.trim_fraction, arrays_key=self.arrayrecord_key)
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def _to_float32(content: RecordDict, key: str) -> None:
+    """Cast a checked reply's weights back to float32 in place (a no-op for float32 replies)."""
+    record = content[key]
+    if any(array.dtype != "float32" and array.dtype.startswith(("float", "bfloat")) for array in record.values()):
+        content[key] = to_array_record(from_array_record(record))
+
+
+class TrafficMeter:
+    """The server's grid, counting what each site's messages carried.
+
+    Every call goes to the wrapped grid; `send_and_receive` also records, per destination node,
+    the bytes of the weights sent (`ArrayRecord.count_bytes` of "arrays") and, per reply, the
+    bytes of the weights received and its `compute-seconds`, before any strategy touches the
+    replies (central DP rewrites them in float32).
+
+    Args:
+        grid: Flower's grid.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._traffic: dict[int, dict[str, Any]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def reset(self) -> None:
+        """Forget the counts (a new round starts)."""
+        self._traffic = {}
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        """node id -> {"bytes_sent", "bytes_received", "compute_s"} since the last `reset`."""
+        return {node: dict(values) for node, values in self._traffic.items()}
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        for msg in messages:
+            entry = self._traffic.setdefault(msg.metadata.dst_node_id, {})
+            entry["bytes_sent"] = entry.get("bytes_sent", 0) + _weight_bytes(msg.content)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for node, reply in replies_by_node(messages, replies).items():
+            if reply.has_error():
+                continue
+            entry = self._traffic.setdefault(node, {})
+            entry["bytes_received"] = entry.get("bytes_received", 0) + _weight_bytes(reply.content)
+            compute = reply.content["metrics"].get(COMPUTE_METRIC) if "metrics" in reply.content else None
+            if isinstance(compute, int | float) and not isinstance(compute, bool):
+                entry["compute_s"] = round(float(compute), 3)
+        return replies
+
+
+def _weight_bytes(content: RecordDict) -> int:
+    return sum(record.count_bytes() for record in content.values() if isinstance(record, ArrayRecord))
 
 
 def replies_by_node(sent: list[Message], replies: list[Message]) -> dict[int, Message]:

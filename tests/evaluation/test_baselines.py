@@ -216,9 +216,23 @@ def test_domain_shift_trains_on_the_other_site_and_tests_on_this_sites_real_case
         assert groups == set(manifests["C"].cases("test")), regime
     metrics = site_c.metrics()
     assert 0.0 <= metrics["shift_from_A.auc_mean"] <= 1.0
-    # Everything but the shift rows is shareable under fixed names.
-    assert all(METRIC_KEY_PATTERN.fullmatch(k) for k in metrics if not k.startswith("shift_from_"))
+    # Everything but the shift rows (and the differences naming them) is shareable under fixed names.
+    assert all(METRIC_KEY_PATTERN.fullmatch(k) for k in metrics if "shift_from_" not in k)
+    assert not METRIC_KEY_PATTERN.fullmatch("diff.real_only__shift_from_A.auc_mean")
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_paired_differences_and_faithfulness_cover_each_baseline_set_that_exists(site_c):
+    metrics = site_c.metrics()
+    pairs = [(d["a"], d["b"]) for d in site_c.differences]
+    assert pairs == [("real_syn", "real_only"), ("real_syn", "real_syn_noadapt"), ("syn_only", "syn_only_noadapt"),
+                     ("real_only", "shift_from_A")]  # concat: its set was never made, its regimes skipped
+    for a, b in pairs:
+        assert metrics[f"diff.{a}__{b}.auc_mean"] == pytest.approx(metrics[f"{a}.auc_mean"] - metrics[f"{b}.auc_mean"])
+    # One segmenter for the site; Dice on the real test cases, the ALDM set and the noadapt set.
+    sets = {k.split(".")[1] for k in metrics if k.startswith("faithfulness.") and k.count(".") == 2}
+    assert sets == {"real", "aldm", "noadapt"}
+    assert metrics["faithfulness.aldm.n"] == metrics["faithfulness.noadapt.n"] == 3
 
 
 def test_shift_and_baseline_arguments_are_checked(root):
@@ -236,6 +250,12 @@ def test_the_report_compares_baselines_and_shift(site_c, tmp_path):
     md = paths["md"].read_text()
     assert "## ALDM against the baselines, and the domain-shift gap (AUC)" in md
     assert "| real_syn - real_syn_noadapt |" in md and "| real_only - shift_from_A |" in md
+    assert "## Anatomical faithfulness" in md and "| C | noadapt baseline synthetic |" in md
+    cells = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in md.splitlines()
+             if row.startswith(("| real_syn - real_syn_noadapt |", "| real_only - shift_from_A |"))}
+    for a, b in (("real_syn", "real_syn_noadapt"), ("real_only", "shift_from_A")):
+        d = next(x for x in site_c.differences if (x["a"], x["b"]) == (a, b))
+        assert cells[f"{a} - {b}"].startswith(f"{d['auc_mean']:+.3f}"), cells  # the paired difference
     assert "**Domain shift**" in md and "**Baselines**" in md
     for regime in ("real_syn_noadapt", "syn_only_noadapt", "shift_from_A"):
         assert f"| {regime} |" in md, regime  # a row of the regime x site tables

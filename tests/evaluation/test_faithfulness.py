@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,11 @@ import torch
 from aldm_fed.config import compose
 from aldm_fed.evaluation.faithfulness import (
     FAITHFULNESS_FILE,
-    FAITHFULNESS_NUMBERS,
     FaithfulnessSettings,
     dice_scores,
     faithfulness,
     faithfulness_metrics,
+    metric_key_pattern,
     predict_tumour,
     train_segmenter,
 )
@@ -38,6 +39,7 @@ CPU = resolve_device("cpu", "fp32")
 
 def settings(steps: int = 40, **train: Any) -> dict[str, Any]:
     return {
+        "enabled": True,
         "network": {"channels": [4, 8], "num_res_units": 0, "norm": "instance", "dropout": 0.0},
         "train": {"steps": steps, "batch_size": 2, "lr": 1e-2, "weight_decay": 0.0, "patch_size": None,
                   "pos_fraction": 0.5, "ckpt_every": None, "log_every": 10, "progress": False, **train},
@@ -106,32 +108,53 @@ def _sets() -> tuple[list[CaseItem], list[CaseItem], list[CaseItem]]:
 
 def test_faithfulness_writes_the_json_and_flat_numbers_carry_no_case_id(tmp_path: Path) -> None:
     train, test, syn = _sets()
-    result = faithfulness(settings(steps=3), train, test, syn, tmp_path, seed=0, device=CPU)
+    other = [blob(f"GAN-{i}", 90 + i, synthetic=True, source_groups=(f"T{i}",)) for i in range(2)]
+    result = faithfulness(settings(steps=3), train, test, {"aldm": syn, "gan": other}, tmp_path, seed=0, device=CPU)
 
-    assert (result["real"]["n"], result["synthetic"]["n"], result["n_train"]) == (2, 3, 3)
-    assert result["n_syn_mask_from_train"] == 2
-    for part in ("real", "synthetic"):
-        per_case = result[part]["dice_per_case"]
+    assert (result["real"]["n"], result["n_train"]) == (2, 3)
+    assert list(result["synthetic"]) == ["aldm", "gan"]
+    assert (result["synthetic"]["aldm"]["n"], result["synthetic"]["gan"]["n"]) == (3, 2)
+    assert (result["synthetic"]["aldm"]["n_mask_from_train"], result["synthetic"]["gan"]["n_mask_from_train"]) == (2, 2)
+    for part in (result["real"], *result["synthetic"].values()):
+        per_case = part["dice_per_case"]
         assert all(0.0 <= d <= 1.0 for d in per_case)
-        assert result[part]["dice_mean"] == pytest.approx(np.mean(per_case))
-    assert result["dice_gap"] == pytest.approx(result["real"]["dice_mean"] - result["synthetic"]["dice_mean"])
+        assert part["dice_mean"] == pytest.approx(np.mean(per_case))
+    for part in result["synthetic"].values():
+        assert part["dice_gap"] == pytest.approx(result["real"]["dice_mean"] - part["dice_mean"])
     assert "X0" not in json.dumps(result) and "SYN-0" not in json.dumps(result)
 
     written = json.loads((tmp_path / FAITHFULNESS_FILE).read_text())
     assert written["real"]["case_ids"] == ["X0", "X1"]
-    assert written["synthetic"]["case_ids"] == ["SYN-0", "SYN-1", "SYN-2"]
-    assert written["synthetic"]["dice_per_case"] == result["synthetic"]["dice_per_case"]
+    assert written["synthetic"]["aldm"]["case_ids"] == ["SYN-0", "SYN-1", "SYN-2"]
+    assert written["synthetic"]["gan"]["case_ids"] == ["GAN-0", "GAN-1"]
+    assert written["synthetic"]["aldm"]["dice_per_case"] == result["synthetic"]["aldm"]["dice_per_case"]
     assert written["train_case_ids"] == ["T0", "T1", "T2"]
     assert not list(tmp_path.glob(f".{FAITHFULNESS_FILE}.*"))  # no temporary file left
 
     flat = faithfulness_metrics(result)
-    assert list(flat) == [f"faithfulness.{name}" for name in FAITHFULNESS_NUMBERS]
+    assert set(flat) == {"faithfulness.n_train", "faithfulness.real.dice_mean", "faithfulness.real.n",
+                         *(f"faithfulness.{s}.{n}" for s in ("aldm", "gan") for n in ("dice_mean", "dice_gap", "n"))}
     assert all(type(v) in (int, float) and math.isfinite(v) for v in flat.values()), flat
-    assert (flat["faithfulness.n_real"], flat["faithfulness.n_syn"]) == (2, 3)
+    assert (flat["faithfulness.real.n"], flat["faithfulness.aldm.n"], flat["faithfulness.gan.n"]) == (2, 3, 2)
     assert faithfulness_metrics(written) == flat  # the file read back gives the same numbers
+    pattern = metric_key_pattern(["aldm", "gan"])
+    assert all(re.fullmatch(pattern, k) for k in flat)
+    for key in ("faithfulness.X0.dice_mean", "faithfulness.noadapt.n", "faithfulness.real.dice_gap",
+                "faithfulness.aldm.dice_per_case", "faithfulness..n"):
+        assert not re.fullmatch(pattern, key), key
 
-    # A repeated call reads the finished segmenter back: the same numbers.
-    assert faithfulness(settings(steps=3), train, test, syn, tmp_path, seed=0, device=CPU) == result
+    # A repeated call reads the finished segmenter back: the same numbers; one set alone, or
+    # none (the real test cases only), is measured by the same segmenter.
+    mtime = (tmp_path / "segmenter" / "run.json").stat().st_mtime_ns
+    again = faithfulness(settings(steps=3), train, test, {"aldm": syn, "gan": other}, tmp_path, seed=0, device=CPU)
+    assert again == result
+    single = faithfulness(settings(steps=3), train, test, syn, tmp_path, seed=0, device=CPU)
+    assert list(single["synthetic"]) == ["synthetic"] and single["synthetic"]["synthetic"] == result["synthetic"]["aldm"]
+    real_only = faithfulness(settings(steps=3), train, test, {}, tmp_path, seed=0, device=CPU)
+    assert real_only["synthetic"] == {} and real_only["real"] == result["real"]
+    assert set(faithfulness_metrics(real_only)) == {"faithfulness.n_train", "faithfulness.real.dice_mean",
+                                                    "faithfulness.real.n"}
+    assert (tmp_path / "segmenter" / "run.json").stat().st_mtime_ns == mtime  # not retrained
 
 
 def test_guards_refuse_leakage_and_items_in_the_wrong_list(tmp_path: Path) -> None:
@@ -140,7 +163,9 @@ def test_guards_refuse_leakage_and_items_in_the_wrong_list(tmp_path: Path) -> No
         "patient leakage": (train, [*test, blob("T0", 0)], syn),           # a test patient trained on
         "trains on real cases only": ([*train, syn[0]], test, syn[1:]),    # a synthetic item in training
         "passed as test data": (train, [*test, syn[0]], syn[1:]),          # a synthetic test item
-        "synthetic holds real": (train, test, [*syn, blob("R9", 9)]),      # a real item as synthetic
+        "synthetic set 'synthetic' holds real": (train, test, [*syn, blob("R9", 9)]),  # a real item as synthetic
+        "set name": (train, test, {"Bad name": syn}),                      # a name that cannot be a metric name
+        "synthetic set 'gan': no volumes": (train, test, {"aldm": syn, "gan": []}),
     }
     for message, (tr, te, sy) in cases.items():
         with pytest.raises(ValueError, match=message):
@@ -162,6 +187,9 @@ def test_config_group_composes_and_is_validated() -> None:
             "channels": [4, 8, 16], "num_res_units": 0, "norm": "instance", "dropout": 0.0}})
     with pytest.raises(ValueError, match="faithfulness.train.pos_fraction"):
         FaithfulnessSettings.from_mapping(settings(pos_fraction=1.5))
+    assert default.enabled and tiny.enabled
+    with pytest.raises(ValueError, match="faithfulness.enabled: expected true/false"):
+        FaithfulnessSettings.from_mapping(settings() | {"enabled": "yes"})
     with pytest.raises(ValueError, match="faithfulness.eval.typo: unknown key"):
         cfg = settings()
         FaithfulnessSettings.from_mapping(cfg | {"eval": {**cfg["eval"], "typo": 1}})

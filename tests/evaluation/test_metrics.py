@@ -28,6 +28,7 @@ from aldm_fed.evaluation.metrics import (
     mmd,
     ms_ssim_diversity,
     ms_ssim_settings,
+    paired_auc_difference,
     point_metrics,
     ssim,
     ssim_per_pair,
@@ -161,6 +162,43 @@ def test_aggregate_seeds() -> None:
     assert agg["auc"]["mean"] == pytest.approx(np.mean(aucs))
     assert agg["auc"]["std"] == pytest.approx(np.std(aucs, ddof=1))
     assert agg["auc"]["ci_low"] <= agg["auc"]["mean"] <= agg["auc"]["ci_high"]
+
+
+def test_paired_difference_of_identical_scores_is_exactly_zero() -> None:
+    y, s, g = _patients()
+    other = np.clip(s + np.random.default_rng(5).normal(0, 0.2, s.size), 0, 1)
+    r = paired_auc_difference(y, [s, other], [s, other], g, n_boot=200, seed=0)
+    assert r["mean"] == r["ci_low"] == r["ci_high"] == 0.0 and r["per_seed"] == [0.0, 0.0]
+    assert (r["n_seeds"], r["n_groups"], r["n_boot_valid"], r["resample_unit"]) == (2, 12, 200, "group")
+
+
+def test_paired_difference_of_perfect_vs_random_is_above_zero_and_matches_sklearn() -> None:
+    y, _, g = _patients()
+    rng = np.random.default_rng(7)
+    perfect = y + 0.01 * rng.random(y.size)  # ranks every positive above every negative
+    noise = [rng.random(y.size), rng.random(y.size)]
+    r = paired_auc_difference(y, [perfect, perfect], noise, g, n_boot=300, seed=0)
+    expected = [1.0 - roc_auc_score(y, n) for n in noise]
+    assert r["per_seed"] == pytest.approx(expected, abs=1e-12) and r["mean"] == pytest.approx(np.mean(expected))
+    assert 0.0 < r["ci_low"] <= r["mean"] <= r["ci_high"]
+    # The same resamples as aggregate_seeds (same seed): the paired difference per resample is
+    # the difference of the seed-mean AUCs, so the interval of a perfect model is that of 1 - AUC(b).
+    agg = aggregate_seeds(y, noise, g, n_boot=300, seed=0)
+    assert r["ci_low"] == pytest.approx(1.0 - agg["auc"]["ci_high"]) and r["ci_high"] == pytest.approx(1.0 - agg["auc"]["ci_low"])
+
+
+def test_paired_difference_is_narrower_than_the_two_intervals_and_checks_its_input() -> None:
+    # b = a plus a little noise: the shared patient effects cancel in the paired difference.
+    y, s, g = _patients()
+    b = np.clip(s + np.random.default_rng(3).normal(0, 0.05, s.size), 0, 1)
+    r = paired_auc_difference(y, [s], [b], g, n_boot=300, seed=0)
+    ia, ib = (classification_metrics(y, x, g, n_boot=300, seed=0)["auc"] for x in (s, b))
+    assert r["ci_high"] - r["ci_low"] < 0.5 * min(ia["ci_high"] - ia["ci_low"], ib["ci_high"] - ib["ci_low"])
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_auc_difference(y, [s, s], [b], g)
+    with pytest.raises(ValueError, match="only class 0"):
+        paired_auc_difference(np.zeros(4, int), [np.ones(4)], [np.ones(4)])
+    assert np.isnan(paired_auc_difference(y, [s], [b], g, n_boot=0)["ci_low"])
 
 
 # ---------------------------------------------------------------------------- image quality

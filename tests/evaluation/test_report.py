@@ -86,7 +86,8 @@ def test_markdown_has_a_table_per_metric_with_sites_and_regimes(report):
     assert table(md, "Balanced accuracy")[2][2] == "0.600 ± 0.020"
     assert table(md, "F1")[3][2] == "-"  # NaN at C: missing, not "nan"
     diff = table(md, "Synthetic data effect: real_syn - real_only (AUC)")
-    assert diff[2] == ["A", "0.700", "0.780", "+0.080"] and diff[3] == ["C", "0.650", "-", "-"]
+    # no paired difference sent: the difference of seed means, said to be without a paired interval
+    assert diff[2] == ["A", "0.700", "0.780", "+0.080 (no paired CI)"] and diff[3] == ["C", "0.650", "-", "-"]
     assert table(md, "Training data")[2] == ["A", "4 / 0", "4 / 4", "0 / 12", "20 / 0"]
 
 
@@ -163,6 +164,59 @@ def test_failed_site_is_listed_with_its_status(federated):
     assert [row[0] for row in work[2:]] == ["A", "C", "D"]
     assert work[4] == ["D", "failed: CUDA out of memory", "-", "-", "-", "-", "-", "-"]
     assert "D" not in [row[0] for row in table(md, "AUC")]  # no metrics, no made-up numbers
+
+
+# What a site's evaluation adds: the segmenter's Dice per set and the paired AUC differences.
+FAITH = {"faithfulness.n_train": 4, "faithfulness.real.dice_mean": 0.80, "faithfulness.real.n": 8,
+         "faithfulness.aldm.dice_mean": 0.71, "faithfulness.aldm.dice_gap": 0.09, "faithfulness.aldm.n": 16,
+         "faithfulness.gan.dice_mean": 0.55, "faithfulness.gan.dice_gap": 0.25, "faithfulness.gan.n": 16}
+
+
+def paired(a: str, b: str, mean: float, lo: float, hi: float) -> dict[str, float]:
+    return {f"diff.{a}__{b}.auc_mean": mean, f"diff.{a}__{b}.auc_ci_low": lo, f"diff.{a}__{b}.auc_ci_high": hi,
+            f"diff.{a}__{b}.n_boot_valid": 1000}
+
+
+def test_faithfulness_and_paired_differences_get_their_own_sections(tmp_path):
+    sites = {
+        "A": {**SITES["A"], **regime("real_syn_gan", 0.60, n_syn=4), **FAITH, **WORK,
+              **paired("real_syn", "real_only", 0.08, 0.02, 0.15), **paired("real_syn", "real_syn_gan", 0.18, 0.05, 0.30)},
+        "C": {**SITES["C"], **regime("real_syn", 0.66, n_syn=4), **paired("real_syn", "real_only", 0.01, -0.08, 0.1),
+              "faithfulness.n_train": 4, "faithfulness.real.dice_mean": 0.7, "faithfulness.real.n": 4},
+    }
+    paths = write_report(tmp_path, sites, title="t", context={"ci": 0.95})
+    md = paths["md"].read_text()
+    faith = table(md, "Anatomical faithfulness")
+    assert faith[0] == ["site", "set", "Dice mean", "n", "gap (real - set)"]
+    assert faith[2:] == [["A", "real test cases (segmenter trained on K = 4)", "0.800", "8", "-"],
+                         ["A", "ALDM synthetic", "0.710", "16", "+0.090"],
+                         ["A", "gan baseline synthetic", "0.550", "16", "+0.250"],
+                         ["C", "real test cases (segmenter trained on K = 4)", "0.700", "4", "-"]]
+    assert "tumour appears where the mask says" in md and "only K cases" in md
+    effect = table(md, "Synthetic data effect: real_syn - real_only (AUC)")
+    assert effect[2] == ["A", "0.700", "0.780", "+0.080 [+0.020, +0.150] evidence"]
+    assert effect[3] == ["C", "0.650", "0.660", "+0.010 [-0.080, +0.100]"]  # the interval holds 0: no "evidence"
+    assert "- Site A: real_syn beats real_only by 0.080 AUC (95% CI of real_syn - real_only: [+0.020, +0.150])." in md
+    comparison = table(md, "ALDM against the baselines, and the domain-shift gap (AUC)")
+    assert comparison[2] == ["real_syn - real_syn_gan", "+0.180 [+0.050, +0.300] evidence", "-"]
+    assert "- Site A: real_syn beats real_syn_gan by 0.180 AUC" in md
+    # Neither group becomes a Site work column; the JSON keeps each, prefix removed.
+    work = table(md, "Site work")[0]
+    assert not any(c.startswith(("faithfulness", "diff", "audit")) for c in work), work
+    doc = json.loads(paths["json"].read_text())
+    assert doc["sites"]["A"]["faithfulness"]["gan.dice_mean"] == 0.55
+    assert doc["sites"]["A"]["differences"]["real_syn__real_only.auc_ci_low"] == 0.02
+    assert doc["sites"]["C"]["differences"] == {f"real_syn__real_only.{k}": v for k, v in
+                                                (("auc_mean", 0.01), ("auc_ci_low", -0.08), ("auc_ci_high", 0.1),
+                                                 ("n_boot_valid", 1000))}
+
+
+def test_no_interval_excluding_zero_is_said_plainly(tmp_path):
+    sites = {"A": {**SITES["A"], **paired("real_syn", "real_only", 0.08, -0.02, 0.15)}}
+    md = write_report(tmp_path, sites, title="t", context={"ci": 0.95})["md"].read_text()
+    assert "No paired 95% interval excludes 0" in md
+    assert table(md, "Synthetic data effect: real_syn - real_only (AUC)")[2][3] == "+0.080 [-0.020, +0.150]"
+    assert "## Anatomical faithfulness" not in md  # nobody measured it
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.image import imread
 
-from aldm_fed.evaluation.metrics import aggregate_seeds
+from aldm_fed.evaluation.metrics import aggregate_seeds, paired_auc_difference
 from aldm_fed.evaluation.report import write_report
 from aldm_fed.evaluation.report_html import ReportSources, discover_sources, render_html
 
@@ -211,6 +211,36 @@ def test_site_audit_numbers_get_their_own_section_not_site_work_columns(run, tmp
     assert "<tr><td>A</td>" + "".join(f'<td class="num">{v}</td>' for v in ("4", "1", "0.250", "0.610", "1")) \
         in sec["audit"]
     assert "audit." not in sec["results"]
+
+
+def test_faithfulness_section_and_paired_differences_with_their_interval(run, tmp_path):
+    # The paired difference of the fixture's two regimes, from their predictions, as evaluate_site sends it.
+    preds = {r: [json.loads((run["clf"] / r / f"seed_{s}" / "predictions.json").read_text()) for s in SEEDS]
+             for r in REGIMES_RUN}
+    first = preds["real_syn"][0]
+    d = paired_auc_difference(first["y_true"], [p["y_score"] for p in preds["real_syn"]],
+                              [p["y_score"] for p in preds["real_only"]], first["groups"], n_boot=50, seed=0)
+    diff = {f"diff.real_syn__real_only.auc_{k}": d[x] for k, x in (("mean", "mean"), ("ci_low", "ci_low"),
+                                                                   ("ci_high", "ci_high"))}
+    faith = {"faithfulness.n_train": 4, "faithfulness.real.dice_mean": 0.8, "faithfulness.real.n": 6,
+             "faithfulness.aldm.dice_mean": 0.71, "faithfulness.aldm.dice_gap": 0.09, "faithfulness.aldm.n": 4,
+             "faithfulness.gan.dice_mean": 0.55, "faithfulness.gan.dice_gap": 0.25, "faithfulness.gan.n": 4}
+    paths = write_report(tmp_path, {"A": {**run["metrics"], **faith, **diff}}, title="t", context={"ci": 0.95})
+    sec = _sections(paths["html"].read_text())
+    assert list(sec)[:2] == ["results", "faithfulness"]
+    assert "tumour appears where the mask says" in sec["faithfulness"]
+    header = re.findall(r"<th>([^<]*)</th>", sec["faithfulness"].split("<tbody>")[0])
+    assert header == ["site", "set", "Dice mean", "n", "gap (real - set)"]
+    rows = [re.findall(r"<td[^>]*>([^<]*)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", sec["faithfulness"])][1:]
+    assert rows == [["A", "real test cases (segmenter trained on K = 4)", "0.800", "6", "-"],
+                    ["A", "ALDM synthetic", "0.710", "4", "+0.090"],
+                    ["A", "gan baseline synthetic", "0.550", "4", "+0.250"]]
+    effect = sec["results"].split("Synthetic data effect")[1]
+    cell = f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" + (
+        " evidence" if d["ci_low"] > 0 or d["ci_high"] < 0 else "")
+    assert f">{cell}</td>" in effect
+    assert ("beats" in effect) == cell.endswith("evidence") and ("No paired 95% interval" in effect) != ("beats" in effect)
+    assert "faithfulness." not in sec["results"] and "diff." not in sec["results"]  # no Site work columns
 
 
 def test_not_a_report_is_a_clear_error():

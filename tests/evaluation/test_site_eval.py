@@ -8,6 +8,7 @@ few steps (plumbing, not quality).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -115,6 +116,38 @@ def test_metrics_are_finite_numbers_under_fixed_names(site_a):
     assert "real_only.auc_ci_low" not in nan_result.metrics() and "real_only.auc_mean" in nan_result.metrics()
 
 
+def test_faithfulness_and_paired_differences_are_measured_and_shareable(site_a, root):
+    result, _ = site_a
+    metrics = result.metrics()
+    faith = {k: v for k, v in metrics.items() if k.startswith("faithfulness.")}
+    assert set(faith) == {"faithfulness.n_train", "faithfulness.real.dice_mean", "faithfulness.real.n",
+                          "faithfulness.aldm.dice_mean", "faithfulness.aldm.dice_gap", "faithfulness.aldm.n"}
+    assert (faith["faithfulness.n_train"], faith["faithfulness.real.n"], faith["faithfulness.aldm.n"]) == (2, 2, 3)
+    for key in ("faithfulness.real.dice_mean", "faithfulness.aldm.dice_mean"):
+        assert 0.0 <= faith[key] <= 1.0, (key, faith[key])
+    assert faith["faithfulness.aldm.dice_gap"] == pytest.approx(
+        faith["faithfulness.real.dice_mean"] - faith["faithfulness.aldm.dice_mean"])
+    folder = root / "runs" / "sites" / "A" / "faithfulness"
+    written = json.loads((folder / "faithfulness.json").read_text())
+    assert written["synthetic"]["aldm"]["case_ids"] == [f"SYN-A-{i:05d}" for i in range(3)]
+    assert (folder / "segmenter" / "run.json").is_file()
+    # real_syn - real_only, paired over the same test patients; its file beside the runs.
+    diff = {k: v for k, v in metrics.items() if k.startswith("diff.")}
+    assert set(diff) <= {f"diff.real_syn__real_only.{n}" for n in ("auc_mean", "auc_ci_low", "auc_ci_high", "n_boot_valid")}
+    assert diff["diff.real_syn__real_only.auc_mean"] == pytest.approx(
+        metrics["real_syn.auc_mean"] - metrics["real_only.auc_mean"])
+    if "diff.real_syn__real_only.auc_ci_low" in diff:  # 2 test patients: resamples may all hold one class
+        assert diff["diff.real_syn__real_only.auc_ci_low"] <= diff["diff.real_syn__real_only.auc_ci_high"]
+    pairs = json.loads((result.run_dir / "differences.json").read_text())["pairs"]
+    assert [(p["a"], p["b"]) for p in pairs] == [("real_syn", "real_only")]
+    # The allow-list takes these names, and no name that carries a case id or another set.
+    for key in [*faith, *diff]:
+        assert METRIC_KEY_PATTERN.fullmatch(key), key
+    for key in ("faithfulness.PH-A-0001.dice_mean", "faithfulness.aldm.dice_per_case", "faithfulness.other.n",
+                "diff.real_syn__PH-A-0001.auc_mean", "diff.real_only__shift_from_A.auc_mean"):
+        assert not METRIC_KEY_PATTERN.fullmatch(key), key
+
+
 def test_a_finished_evaluation_is_read_back_not_retrained(site_a, root):
     first, first_seconds = site_a
     t0 = time.perf_counter()
@@ -129,9 +162,13 @@ def test_site_without_synthesis_or_source_cases_skips_those_regimes(root):
     assert status == {"real_only": "ok", "real_syn": "skipped", "syn_only": "skipped", "oracle": "skipped"}
     assert any("no synthetic volumes" in n and "aldm-fed synthesize --site C" in n for n in result.notes)
     assert any("oracle skipped" in n for n in result.notes)
+    assert any("no synthetic set to measure" in n for n in result.notes)
     metrics = result.metrics()
     assert metrics["n_synthetic_cases"] == 0 and "real_only.auc_mean" in metrics
-    assert not any(k.startswith(("real_syn.", "syn_only.", "oracle.")) for k in metrics)
+    assert not any(k.startswith(("real_syn.", "syn_only.", "oracle.", "diff.")) for k in metrics)
+    # Faithfulness without a synthetic set: the real Dice only.
+    assert {k for k in metrics if k.startswith("faithfulness.")} == {
+        "faithfulness.n_train", "faithfulness.real.dice_mean", "faithfulness.real.n"}
 
 
 def test_no_site_is_a_clear_error(root):

@@ -26,6 +26,7 @@ from aldm_fed.federation.compatibility import (
     model_shapes,
     shapes_fingerprint,
 )
+from aldm_fed.federation.sharing import PROTOCOL
 from aldm_fed.federation.strategy import FederationError, PhaseFedAvg
 
 NODES = {11: "A", 12: "B", 13: "C", 14: "D"}
@@ -199,7 +200,7 @@ def fake_site(tmp_path, modalities=("t1n", "t1c", "t2w", "t2f", "seg")):
 
 def server_hello(cfg) -> ConfigRecord:
     shapes = model_shapes(cfg)
-    return ConfigRecord({"phase": "hello", "protocol": 2, "model-sha256": shapes_fingerprint(shapes),
+    return ConfigRecord({"phase": "hello", "protocol": PROTOCOL, "model-sha256": shapes_fingerprint(shapes),
                          "model-shapes": encode_shapes(shapes)})
 
 
@@ -218,7 +219,7 @@ def test_hello_names_the_site_and_the_differing_key(tiny_cfg, tmp_path) -> None:
     shapes = model_shapes(tiny_cfg)
     key = next(k for k in shapes if k.startswith("vae.") and len(shapes[k]) == 5)
     shapes[key] = (shapes[key][0] * 2, *shapes[key][1:])  # a server whose code builds a wider layer
-    request = ConfigRecord({"phase": "hello", "protocol": 2, "model-sha256": shapes_fingerprint(shapes),
+    request = ConfigRecord({"phase": "hello", "protocol": PROTOCOL, "model-sha256": shapes_fingerprint(shapes),
                             "model-shapes": encode_shapes(shapes)})
     with pytest.raises(FederationError, match=rf"site A: .* 1 key\(s\), first {key}: "):
         hello(fake_site(tmp_path), tiny_cfg, request)

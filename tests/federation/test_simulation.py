@@ -63,6 +63,17 @@ def test_run_completes_and_writes_the_report(run: dict[str, Any]) -> None:
     assert all(s["site"]["n_test_cases"] == 2 for s in data["sites"].values())
     rounds = [(r["phase"], r["round"], r["sites"]) for r in map(json.loads, (run["state"] / "rounds.jsonl").read_text().splitlines())]
     assert rounds == [("vae", 1, ["A", "B"]), ("backbone", 1, ["A", "B"])]
+    # Each round's cost (fed.transfer_dtype, benchmarks/federation.py): wall time at the server,
+    # each site's own compute time and the weight bytes both ways.
+    for line in map(json.loads, (run["state"] / "rounds.jsonl").read_text().splitlines()):
+        cost = line["cost"]
+        assert cost["transfer_dtype"] == "float32" and cost["params_bytes_fp32"] > 0
+        assert 0 < cost["max_compute_s"] < cost["wall_s"] and 0 < cost["overhead_fraction"] < 1
+        assert set(cost["sites"]) == {"A", "B"}
+        for site in cost["sites"].values():  # float32 on the wire: the parameters plus NumPy headers and names
+            assert cost["params_bytes_fp32"] < site["bytes_sent"] == site["bytes_received"] < 1.1 * cost["params_bytes_fp32"]
+            assert site["compute_s"] > 0
+    assert set(status["cost"]) == {"vae", "backbone"} and status["cost"]["vae"]["rounds"] == 1
 
 
 def test_global_models_are_the_average_and_every_site_has_them(run: dict[str, Any]) -> None:
