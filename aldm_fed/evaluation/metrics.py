@@ -396,12 +396,13 @@ def paired_auc_difference(
 
 
 def _to_tensor(x: Any) -> torch.Tensor:
+    # Contiguous: NIfTI volumes load Fortran-ordered, and MONAI's MMDMetric `.view()`s its inputs.
     if isinstance(x, torch.Tensor):
-        return x.detach()
+        return x.detach().contiguous()
     arr = np.asarray(x)
     if not arr.flags.writeable:  # memory-mapped cache arrays: torch warns on read-only memory
-        arr = arr.copy()
-    return torch.from_numpy(arr)
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def _as_batch(x: Any, name: str, spatial_dims: int = 3) -> torch.Tensor:

@@ -8,9 +8,10 @@ single-site `aldm-fed evaluate` from one site's. Only regime names (`regimes.is_
 the baselines' `real_syn_<b>` / `syn_only_<b>` and the domain-shift `shift_from_<X>`) make regime columns;
 other dotted keys a federated site sends (`adapt.loss`, `synthesis.n_volumes`) go, with the case
 counts, into a "Site work" table, except three groups with sections of their own (and, prefix
-removed, `sites.<s>.{audit,faithfulness,differences}` in the JSON; `report_format.OWN_SECTIONS`):
+removed, `sites.<s>.{audit,faithfulness,quality,differences}` in the JSON; `report_format.OWN_SECTIONS`):
 the memorisation audit's `audit.*` numbers (`aldm_fed.synthesis.audit`), the segmenter's Dice per
-set `faithfulness.*` ("Anatomical faithfulness", `aldm_fed.evaluation.faithfulness`) and the paired
+set `faithfulness.*` ("Anatomical faithfulness", `aldm_fed.evaluation.faithfulness`), the image
+quality of each synthetic set `quality.*` ("Image quality", `aldm_fed.evaluation.image_quality`) and the paired
 AUC differences `diff.<a>__<b>.*` (`regimes.paired_differences`), which the comparison tables show
 as "difference [CI]", with "evidence" only where the interval excludes 0:
 
@@ -55,6 +56,7 @@ from aldm_fed.evaluation.regimes import (
 from aldm_fed.evaluation.report_format import (
     FAITHFULNESS_HOWTO,
     OWN_SECTIONS,
+    QUALITY_HOWTO,
     difference_cell,
     difference_verdicts,
     faithfulness_rows,
@@ -63,6 +65,7 @@ from aldm_fed.evaluation.report_format import (
     inline,
     interval_text,
     metric_rows,
+    quality_rows,
     section_numbers,
     seed_mean_text,
 )
@@ -82,6 +85,7 @@ _CASE_COLUMNS: dict[str, str] = {"n_source_cases": "source cases", "n_target_cas
                                  "n_test_cases": "test cases"}
 _AUDIT_PREFIX = "audit."  # the memorisation audit's numbers (aldm_fed.synthesis.audit.SUMMARY_NAMES)
 _FAITH_PREFIX = "faithfulness."  # the segmenter's Dice per set (aldm_fed.evaluation.faithfulness)
+_QUALITY_PREFIX = "quality."  # image quality per set (aldm_fed.evaluation.image_quality)
 _DIFF_PREFIX = "diff."  # paired AUC differences (aldm_fed.evaluation.regimes.paired_differences)
 Numbers = dict[str, float | int]  # name -> value, of a site or of one regime at a site
 
@@ -247,6 +251,16 @@ def _faithfulness_section(split: _Split) -> list[str]:
     return ["## Anatomical faithfulness", "", FAITHFULNESS_HOWTO, "", *_table(header, rows), ""]
 
 
+def _quality_section(split: _Split) -> list[str]:
+    """Per site: SSIM to host, MMD, MS-SSIM diversity and Frechet distances of each synthetic set,
+    with the real cases' diversity as reference; nothing when no site measured it."""
+    sites = {s: nums for s in sorted(split.work) if (nums := section_numbers(split.work[s], _QUALITY_PREFIX))}
+    if not sites:
+        return []
+    header, rows = quality_rows(sites)
+    return ["## Image quality", "", QUALITY_HOWTO, "", *_table(header, rows), ""]
+
+
 def _auc_difference(by_regime: dict[str, dict[str, Numbers]], site: str) -> float | None:
     a = by_regime[site].get("real_syn", {}).get("auc_mean")
     b = by_regime[site].get("real_only", {}).get("auc_mean")
@@ -292,7 +306,7 @@ def _site_work(split: _Split, statuses: Mapping[str, str]) -> list[str]:
     """One row per site (also one listed only with a status): status, the non-regime dotted
     numbers (ControlNet adaptation, synthesis) and the case counts; nothing when no site has
     either a status or such numbers."""
-    # the audit, faithfulness and paired differences have their own sections
+    # the audit, faithfulness, image quality and paired differences have their own sections
     work = _ordered({k for v in split.work.values() for k in v if not k.startswith(tuple(OWN_SECTIONS))},
                     list(_WORK_COLUMNS))
     if not work and not statuses:
@@ -394,6 +408,7 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
         rows.append(row)
     lines += _table(["site", *regimes], rows) + [""]
     lines += _faithfulness_section(split)
+    lines += _quality_section(split)
     lines += _audit_section(split)
     lines += _site_work(split, _statuses(context))
     return "\n".join(lines)

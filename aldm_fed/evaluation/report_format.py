@@ -1,11 +1,12 @@
 """What `report.md` (`aldm_fed.evaluation.report`) and `report.html`
 (`aldm_fed.evaluation.report_html`) write alike: values as text, context rows, and the contents of
-the sections both show (anatomical faithfulness, paired AUC differences). Each renderer only lays
+the sections both show (anatomical faithfulness, image quality, paired AUC differences). Each renderer only lays
 these out as Markdown or HTML, so the two reports cannot drift apart.
 
 A site's flat numbers hold these sections under fixed prefixes (`OWN_SECTIONS`): `audit.<name>`,
-`faithfulness.<set>.<name>` and `diff.<a>__<b>.<name>` (`aldm_fed.evaluation.site`); `report.json`
-keeps each, prefix removed, as `sites.<site>.{audit,faithfulness,differences}`.
+`faithfulness.<set>.<name>`, `quality.<set>.<name>` and `diff.<a>__<b>.<name>`
+(`aldm_fed.evaluation.site`); `report.json` keeps each, prefix removed, as
+`sites.<site>.{audit,faithfulness,quality,differences}`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aldm_fed.evaluation.metrics import FD_2D_NAME, FD_3D_NAME
 from aldm_fed.evaluation.regimes import SYNTHETIC_BASELINES, difference_name
 
 __all__ = [
     "FAITHFULNESS_HOWTO",
     "OWN_SECTIONS",
+    "QUALITY_HOWTO",
     "PairedDifference",
     "difference_cell",
     "difference_verdicts",
@@ -31,12 +34,14 @@ __all__ = [
     "interval_text",
     "metric_rows",
     "paired_difference",
+    "quality_rows",
     "section_numbers",
     "seed_mean_text",
 ]
 
 # Prefix of a site's numbers -> the report.json key of their section; none of them is a Site work column.
-OWN_SECTIONS: dict[str, str] = {"audit.": "audit", "faithfulness.": "faithfulness", "diff.": "differences"}
+OWN_SECTIONS: dict[str, str] = {"audit.": "audit", "faithfulness.": "faithfulness", "quality.": "quality",
+                                 "diff.": "differences"}
 FAITHFULNESS_HOWTO = (
     "A tumour segmenter (MONAI 3D UNet, whole tumour) trained at each site on its K real target cases "
     "segments the site's held-out real test cases and every synthetic set; Dice is taken against the real "
@@ -45,6 +50,16 @@ FAITHFULNESS_HOWTO = (
     "elsewhere, blurred or not at all (gap = real - synthetic). The segmenter learns from only K cases, so "
     "absolute Dice is modest: compare the sets with each other and with the real row, not with published "
     "segmentation scores."
+)
+QUALITY_HOWTO = (
+    "Each synthetic volume is placed in a real host case's brain, so it is compared with that host. "
+    "SSIM to host (0-1): higher = closer to the host's anatomy. MMD (MONAI, unbiased linear-kernel "
+    "estimate, may be slightly negative) and the Frechet distances FD 2D (axial slices) / FD 3D (volumes), "
+    "in the features of fixed random ResNet-10s (not Inception: not comparable with published FID): lower "
+    "= closer to the real distribution. MS-SSIM diversity is the mean MS-SSIM between pairs of volumes of "
+    "a set: lower = more diverse; compare it with the real cases' row. MMD and FD depend on the number of "
+    "volumes (FD is biased upwards at small n): compare them only between sets of equal n at the same site. "
+    "A set whose hosts are unknown is compared with all real cases, without SSIM / MMD."
 )
 _REAL = "real"
 
@@ -165,6 +180,34 @@ def faithfulness_rows(sites: Mapping[str, Mapping[str, Any]]) -> tuple[list[str]
 
 def _signed(value: Any) -> str:
     return "-" if value is None else f"{value:+.3f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image quality
+# ---------------------------------------------------------------------------------------------
+
+_QUALITY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("ssim", "SSIM to host"), ("mmd", "MMD"), ("ms_ssim_diversity", "MS-SSIM diversity"),
+    (FD_2D_NAME, "FD 2D"), (FD_3D_NAME, "FD 3D"), ("n", "n"),
+)
+
+
+def quality_rows(sites: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the image-quality table: per site, the real cases' reference row first,
+    then the ALDM set and each baseline's, with SSIM to host, MMD, MS-SSIM diversity, FD 2D, FD 3D, n.
+
+    Args:
+        sites: site -> its image-quality numbers, prefix removed (`aldm.ssim`, `real.n`, ...);
+            sites without any are left out.
+    """
+    rows = []
+    for site, nums in sites.items():
+        sets = {k.split(".", 1)[0] for k in nums if "." in k}
+        order = [_REAL, "aldm", *SYNTHETIC_BASELINES]
+        for name in [*(s for s in order if s in sets), *sorted(sets - set(order))]:
+            label = "real cases (reference)" if name == _REAL else _set_label(name, None)
+            rows.append([str(site), label, *(fmt(nums.get(f"{name}.{k}")) for k, _ in _QUALITY_COLUMNS)])
+    return ["site", "set", *(title for _, title in _QUALITY_COLUMNS)], rows
 
 
 # ---------------------------------------------------------------------------------------------

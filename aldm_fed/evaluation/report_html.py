@@ -13,6 +13,7 @@ figures whose data the report's writer can read:
 | metric tables, site work, context | `report.json` | every report |
 | memorisation audit (when a site ran it) | `sites.<site>.audit` of `report.json` | every report |
 | anatomical faithfulness (when a site measured it) | `sites.<site>.faithfulness` of `report.json` | every report |
+| image quality of each synthetic set (when a site has one) | `sites.<site>.quality` of `report.json` | every report |
 | paired AUC differences with intervals, in the comparison tables | `sites.<site>.differences` of `report.json` | every report |
 | ROC curves, one per training seed, per site and regime | `<classifier>/<regime>/seed_<s>/predictions.json` | a site (`aldm-fed evaluate`) |
 | real vs synthetic montage | `sites/<site>/synthesis/montage.png` | a site |
@@ -50,6 +51,7 @@ from aldm_fed.evaluation.regimes import PREDICTIONS_FILE, RESULTS_FILE, comparis
 from aldm_fed.evaluation.report_format import (
     FAITHFULNESS_HOWTO,
     OWN_SECTIONS,
+    QUALITY_HOWTO,
     difference_cell,
     difference_verdicts,
     faithfulness_rows,
@@ -57,6 +59,7 @@ from aldm_fed.evaluation.report_format import (
     fmt,
     inline,
     metric_rows,
+    quality_rows,
 )
 from aldm_fed.io import atomic_write_text
 from aldm_fed.synthesis.writer import MONTAGE_NAME
@@ -378,6 +381,17 @@ def _audit_section(data: Mapping[str, Any]) -> str | None:
             _table(["site", *columns, *(["excluded from training"] if excluded else [])], rows, cls="audit"))
 
 
+def _quality_section(data: Mapping[str, Any]) -> str | None:
+    """Per site: the image quality of each synthetic set and the real cases' diversity
+    (`sites.<site>.quality` of report.json); None when no site measured it."""
+    sites = {n: s["quality"] for n, s in data["sites"].items()
+             if isinstance(s.get("quality"), Mapping) and s["quality"]}
+    if not sites:
+        return None
+    header, rows = quality_rows(sites)
+    return f"<p>{_e(QUALITY_HOWTO)}</p>" + _table(header, rows, numeric_from=2, cls="quality")
+
+
 def _verdicts(lines: Sequence[str]) -> str:
     return "<ul class=\"verdicts\">" + "".join(f"<li>{_e(v)}</li>" for v in lines) + "</ul>" if lines else ""
 
@@ -608,6 +622,9 @@ def render_html(data: Mapping[str, Any], sources: ReportSources | None = None) -
     faith = _faithfulness_section(data)
     if faith is not None:
         sections.append(("faithfulness", "Anatomical faithfulness", faith))
+    quality = _quality_section(data)
+    if quality is not None:
+        sections.append(("quality", "Image quality", quality))
     audit = _audit_section(data)
     if audit is not None:
         sections.append(("audit", "Memorisation audit", audit))

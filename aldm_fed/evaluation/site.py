@@ -16,7 +16,10 @@ After the classifier regimes, two measures over what they made:
 - anatomical faithfulness (`faithfulness.enabled`, `aldm_fed.evaluation.faithfulness`): one tumour
   segmenter trained on the K real target cases (`<runs>/sites/<site>/faithfulness/segmenter`,
   trained once, read back by a rerun), its Dice on the real test cases, on the ALDM set ("aldm")
-  and on each baseline's set, each after the audit's exclusions (`faithfulness.json` beside it).
+  and on each baseline's set, each after the audit's exclusions (`faithfulness.json` beside it);
+- image quality (`aldm_fed.evaluation.image_quality`) of the same sets: SSIM and MMD to each
+  volume's host real case, MS-SSIM diversity (and the real cases' own), Frechet distances in the
+  features of fixed random networks (`quality.<set>.<metric>`).
 
 The volumes, from the site's manifest (`COHORT/manifests/<site>.json`) and its synthesis folder:
 
@@ -52,6 +55,8 @@ from aldm_fed.evaluation.faithfulness import (
     faithfulness_metrics,
     metric_key_pattern,
 )
+from aldm_fed.evaluation.image_quality import metric_key_pattern as quality_key_pattern
+from aldm_fed.evaluation.image_quality import site_image_quality
 from aldm_fed.evaluation.metrics import CLASSIFICATION_METRICS
 from aldm_fed.evaluation.regimes import (
     BASELINE_REGIMES,
@@ -91,7 +96,7 @@ SITE_NUMBERS: tuple[str, ...] = ("n_target_cases", "n_synthetic_cases", "n_synth
                                  "n_test_samples")
 # Every key `metrics()` may produce; fixed names only, so no key can carry a case id or a path
 # (`audit.<name>`: the memorisation audit's counts and ratio statistics; `faithfulness.<...>`: the
-# segmenter's Dice per set; `diff.<a>__<b>.<name>`: paired AUC differences). The baselines' regimes
+# segmenter's Dice per set; `quality.<set>.<metric>`: image quality of each synthetic set; `diff.<a>__<b>.<name>`: paired AUC differences). The baselines' regimes
 # have fixed names too; the domain-shift rows (`shift_from_<site>`, and the differences naming them)
 # do not match: they name a site and exist only in a single-machine comparison.
 _DIFF_NAMES = [difference_name(a, b) for a, b in difference_pairs([*REGIMES, *BASELINE_REGIMES])]
@@ -99,6 +104,7 @@ METRIC_KEY_PATTERN = re.compile(
     rf"({'|'.join(SITE_NUMBERS)})|({'|'.join((*REGIMES, *BASELINE_REGIMES))})\.({'|'.join(REGIME_NUMBERS)})"
     rf"|{AUDIT_KEY_PATTERN.pattern}"
     rf"|{metric_key_pattern(FAITHFULNESS_SETS)}"
+    rf"|{quality_key_pattern(FAITHFULNESS_SETS)}"
     rf"|diff\.({'|'.join(_DIFF_NAMES)})\.({'|'.join(DIFFERENCE_NUMBERS)})"
 )
 
@@ -122,6 +128,8 @@ class SiteEvaluation:
         faithfulness: the segmenter's numbers (`faithfulness_metrics`: `faithfulness.<...>`), if
             it ran.
         differences: `regimes.paired_differences`' rows (paired AUC differences of regime pairs).
+        quality: image quality of each synthetic set (`image_quality.site_image_quality`:
+            `quality.<set>.<metric>`), if any set exists.
     """
 
     site: str
@@ -135,6 +143,7 @@ class SiteEvaluation:
     audit: dict[str, float | int] = field(default_factory=dict)
     faithfulness: dict[str, float | int] = field(default_factory=dict)
     differences: list[dict[str, Any]] = field(default_factory=list)
+    quality: dict[str, float | int] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float | int]:
         """The results as flat numbers: what a federated site may send to the server.
@@ -143,7 +152,8 @@ class SiteEvaluation:
         `real_syn.auc_mean`, `real_syn.n_train_cases_syn`) and the site-level `SITE_NUMBERS`
         (`n_test_cases`, ...), the memorisation audit's `audit.<name>` numbers when it ran, the
         faithfulness numbers (`faithfulness.real.dice_mean`, `faithfulness.aldm.dice_mean`,
-        `faithfulness.<baseline>.dice_gap`, ...) when they were measured, and the paired AUC
+        `faithfulness.<baseline>.dice_gap`, ...) when they were measured, the image quality of each
+        synthetic set (`quality.aldm.ssim`, `quality.<baseline>.fd_rand_resnet10_3d`, ...), and the paired AUC
         differences as `diff.<a>__<b>.<name>` (`DIFFERENCE_NUMBERS`, e.g.
         `diff.real_syn__real_only.auc_ci_low`). Skipped regimes and non-finite values (an interval
         without valid resamples) are left out rather than sent as NaN.
@@ -162,6 +172,7 @@ class SiteEvaluation:
         }
         out |= {k: x for k, v in self.audit.items() if (x := _finite_number(v)) is not None}
         out |= {k: x for k, v in self.faithfulness.items() if (x := _finite_number(v)) is not None}
+        out |= {k: x for k, v in self.quality.items() if (x := _finite_number(v)) is not None}
         for d in self.differences:
             name = difference_name(d["a"], d["b"])
             out |= {f"diff.{name}.{k}": x for k in DIFFERENCE_NUMBERS if (x := _finite_number(d.get(k))) is not None}
@@ -385,18 +396,24 @@ def evaluate_site(
     # 7. Anatomical faithfulness: one segmenter on the K real cases; Dice on the real test cases and
     #    on every synthetic set that exists (the same sets, after the audit, as the classifiers').
     faith: dict[str, float | int] = {}
+    sets = {name: items for name, items in (("aldm", syn), *baseline_items.items()) if items}
     fs = FaithfulnessSettings.from_mapping(cfg.faithfulness)
     if fs.enabled:
         if not progress:
             fs = replace(fs, train=replace(fs.train, progress=False))  # not part of the run's identity
-        sets = {name: items for name, items in (("aldm", syn), *baseline_items.items()) if items}
         if not sets:
             notes.append("anatomical faithfulness: no synthetic set to measure; only the segmenter's Dice on "
                          "the real test cases is reported")
         result = faithfulness(fs, real, test_items, sets, site_dir / FAITHFULNESS_DIR, seed=int(cfg.seed),
                               device=setup, overwrite=overwrite)
         faith = faithfulness_metrics(result)
+
+    # 8. Image quality of the same sets: SSIM / MMD to each volume's host case, MS-SSIM diversity,
+    #    Frechet distances in fixed random features. It only reads volumes (seconds at 64^3), so a
+    #    rerun recomputes it rather than caching it.
+    #    The feature networks keep their fixed seed 0, so values compare across runs and sites.
+    quality = site_image_quality({it.group: it for it in real}, sets, notes=notes) if sets else {}
     return SiteEvaluation(site=site_name, rows=rows, run_dir=run_dir, n_target_cases=len(real),
                           n_synthetic_cases=len(syn), n_test_cases=len(test_items), notes=notes,
                           n_synthetic_excluded=len(excluded), audit=audit_numbers, faithfulness=faith,
-                          differences=differences)
+                          differences=differences, quality=quality)

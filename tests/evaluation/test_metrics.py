@@ -243,6 +243,9 @@ def test_mmd_identities() -> None:
     assert mmd(x, x) == pytest.approx(-2 / (3 - 1) * spread, rel=1e-4)
     # A constant shift c of one set adds exactly n_voxels * c^2.
     assert mmd(x, x + 0.1) - mmd(x, x) == pytest.approx(n_vox * 0.01, rel=1e-3)
+    # Volumes loaded from NIfTI are Fortran-ordered: the same numbers, no crash in MONAI's view().
+    fortran = np.asfortranarray(x + 0.1)
+    assert mmd(np.asfortranarray(x), fortran) == pytest.approx(mmd(x, x + 0.1), rel=1e-6)
     with pytest.raises(ValueError, match="at least 2 volumes"):
         mmd(x[:1], x[:1])
     with pytest.raises(ValueError, match="equal-sized"):

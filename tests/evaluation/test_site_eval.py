@@ -148,6 +148,23 @@ def test_faithfulness_and_paired_differences_are_measured_and_shareable(site_a, 
         assert not METRIC_KEY_PATTERN.fullmatch(key), key
 
 
+def test_image_quality_of_the_synthetic_set_against_its_hosts_is_shareable(site_a):
+    result, _ = site_a
+    metrics = result.metrics()
+    quality = {k: v for k, v in metrics.items() if k.startswith("quality.")}
+    assert set(quality) == {"quality.real.ms_ssim_diversity", "quality.real.n", "quality.aldm.ssim",
+                            "quality.aldm.mmd", "quality.aldm.ms_ssim_diversity", "quality.aldm.fd_rand_resnet10_2d",
+                            "quality.aldm.fd_rand_resnet10_3d", "quality.aldm.n"}
+    assert (quality["quality.real.n"], quality["quality.aldm.n"]) == (2, 3)
+    # The fake set is its hosts flipped left-right: similar, but not a copy.
+    assert 0.0 < quality["quality.aldm.ssim"] < 1.0
+    assert quality["quality.aldm.fd_rand_resnet10_3d"] > 0.0
+    for key in quality:
+        assert METRIC_KEY_PATTERN.fullmatch(key), key
+    for key in ("quality.PH-A-0001.ssim", "quality.aldm.ssim_per_case", "quality.other.n", "quality.real.ssim"):
+        assert not METRIC_KEY_PATTERN.fullmatch(key), key
+
+
 def test_a_finished_evaluation_is_read_back_not_retrained(site_a, root):
     first, first_seconds = site_a
     t0 = time.perf_counter()
@@ -169,6 +186,7 @@ def test_site_without_synthesis_or_source_cases_skips_those_regimes(root):
     # Faithfulness without a synthetic set: the real Dice only.
     assert {k for k in metrics if k.startswith("faithfulness.")} == {
         "faithfulness.n_train", "faithfulness.real.dice_mean", "faithfulness.real.n"}
+    assert not any(k.startswith("quality.") for k in metrics)  # no synthetic set: no image quality
 
 
 def test_no_site_is_a_clear_error(root):
