@@ -381,15 +381,19 @@ def _audit_section(data: Mapping[str, Any]) -> str | None:
             _table(["site", *columns, *(["excluded from training"] if excluded else [])], rows, cls="audit"))
 
 
-def _quality_section(data: Mapping[str, Any]) -> str | None:
-    """Per site: the image quality of each synthetic set and the real cases' diversity
-    (`sites.<site>.quality` of report.json); None when no site measured it."""
-    sites = {n: s["quality"] for n, s in data["sites"].items()
-             if isinstance(s.get("quality"), Mapping) and s["quality"]}
+def _per_site_section(data: Mapping[str, Any], key: str, rows_of: Any, howto: str) -> str | None:
+    """One table over the sites from `sites.<site>.<key>` of report.json (`rows_of` makes its
+    header and rows, report_format's), under its how-to-read paragraph; None when no site has it."""
+    sites = {n: s[key] for n, s in data["sites"].items() if isinstance(s.get(key), Mapping) and s[key]}
     if not sites:
         return None
-    header, rows = quality_rows(sites)
-    return f"<p>{_e(QUALITY_HOWTO)}</p>" + _table(header, rows, numeric_from=2, cls="quality")
+    header, rows = rows_of(sites)
+    return f"<p>{_e(howto)}</p>" + _table(header, rows, numeric_from=2, cls=key)
+
+
+def _quality_section(data: Mapping[str, Any]) -> str | None:
+    """Per site: the image quality of each synthetic set and the real cases' diversity."""
+    return _per_site_section(data, "quality", quality_rows, QUALITY_HOWTO)
 
 
 def _verdicts(lines: Sequence[str]) -> str:
@@ -397,14 +401,8 @@ def _verdicts(lines: Sequence[str]) -> str:
 
 
 def _faithfulness_section(data: Mapping[str, Any]) -> str | None:
-    """Per site: the segmenter's Dice on the real test cases and on each synthetic set
-    (`sites.<site>.faithfulness` of report.json); None when no site measured it."""
-    sites = {n: s["faithfulness"] for n, s in data["sites"].items()
-             if isinstance(s.get("faithfulness"), Mapping) and s["faithfulness"]}
-    if not sites:
-        return None
-    header, rows = faithfulness_rows(sites)
-    return f"<p>{_e(FAITHFULNESS_HOWTO)}</p>" + _table(header, rows, numeric_from=2, cls="faithfulness")
+    """Per site: the segmenter's Dice on the real test cases and on each synthetic set."""
+    return _per_site_section(data, "faithfulness", faithfulness_rows, FAITHFULNESS_HOWTO)
 
 
 def _roc_section(data: Mapping[str, Any], sources: ReportSources) -> str:
