@@ -41,7 +41,7 @@ from aldm_fed.synthesis.audit import audit_site
 from aldm_fed.synthesis.config import synthesis_config
 from aldm_fed.synthesis.errors import SynthesisError
 from aldm_fed.synthesis.masks import make_masks
-from aldm_fed.synthesis.run import MANIFEST_VERSION, SynthesisSummary, finish_synthesis, sample_noise, synth_id
+from aldm_fed.synthesis.run import SynthesisSummary, finish_synthesis, manifest_header, sample_noise, synth_id
 from aldm_fed.synthesis.site import site_config
 from aldm_fed.synthesis.writer import (
     case_files,
@@ -139,26 +139,10 @@ def synthesize_gan_site(
         "host_cases": cases, "labels": mask_labels, "weights": ckpt.meta["weights"]["sha256"],
         "prep_hash": cache.prep_hash,
     }, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    header = {
-        "version": MANIFEST_VERSION,
-        "generator": GAN_GENERATOR,
-        "site": site_name,
-        "seed": seed,
-        "settings_hash": settings_hash,
-        "settings": settings,
-        "sampling": sampling,
-        "model": model_info,
-        "cache": {"root": str(cache.root), "prep_hash": cache.prep_hash, "size": cache.size,
-                  "modalities": list(cache.modalities)},
-        "mask_cases": cases,
-        "host_cases": cases,
-        "labels": mask_labels,
-        "n_planned": n_total,
-    }
+    header = manifest_header(site=site_name, seed=seed, settings_hash=settings_hash, settings=settings,
+                             sampling=sampling, model=model_info, cache=cache, mask_cases=cases,
+                             host_cases=cases, labels=mask_labels, n_planned=n_total, generator=GAN_GENERATOR)
     out_dir = Path(out) if out is not None else gan_synthesis_dir(cfg, site_name)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SynthesisError(f"{out_dir}: exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # 3. What is already there (a resumed run keeps it; other settings are refused).
     records = resume_records(out_dir, ids, modalities, settings_hash,

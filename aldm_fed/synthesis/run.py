@@ -70,6 +70,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "SynthesisSummary",
     "finish_synthesis",
+    "manifest_header",
     "sample_noise",
     "sampling_settings",
     "synth_id",
@@ -301,27 +302,12 @@ def synthesize(
         "labels": mask_labels, "sampling": sampling, "model": model_info, "prep_hash": cache.prep_hash,
         "noise": "per-index",  # sample_noise(seed, index); folders of the older per-batch noise differ
     })
-    header = {
-        "version": MANIFEST_VERSION,
-        "site": site,
-        "seed": seed,
-        "settings_hash": settings_hash,
-        "settings": settings,
-        "sampling": sampling,
-        "model": model_info,
-        "cache": {"root": str(cache.root), "prep_hash": cache.prep_hash, "size": cache.size,
-                  "modalities": list(cache.modalities)},
-        "mask_cases": mask_cases,
-        "host_cases": host_cases,
-        "labels": mask_labels,
-        "n_planned": n_total,
-    }
+    header = manifest_header(site=site, seed=seed, settings_hash=settings_hash, settings=settings,
+                             sampling=sampling, model=model_info, cache=cache, mask_cases=mask_cases,
+                             host_cases=host_cases, labels=mask_labels, n_planned=n_total)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SynthesisError(f"{out_dir}: exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 2. what is already there
+    # 2. what is already there (the folder is made when missing)
     records = resume_records(out_dir, ids, modalities, settings_hash,
                              what_changed="seed, masks, sampler, cases or model")
     n_skipped = len(records)
@@ -385,6 +371,47 @@ def synthesize(
     return finish_synthesis(out_dir, header, records, ids=ids, n_made=n_made, n_skipped=n_skipped, t0=t0,
                             cache=cache, modalities=modalities, label_column=cfg.label_column,
                             montage_rows=cfg.montage_rows, title=site)
+
+
+def manifest_header(
+    *,
+    site: str,
+    seed: int,
+    settings_hash: str,
+    settings: Mapping[str, Any],
+    sampling: Mapping[str, Any],
+    model: Mapping[str, Any],
+    cache: CaseCache,
+    mask_cases: Sequence[str],
+    host_cases: Sequence[str],
+    labels: Any,
+    n_planned: int,
+    generator: str | None = None,
+) -> dict[str, Any]:
+    """The header of a synthesis folder's manifest (synthesis.json), the same for every generator.
+
+    Args:
+        generator: the generator's name for a baseline (e.g. the GAN's); None = ALDM, which
+            writes no "generator" key (folders made before the baselines existed have none).
+        Others: what the run used (see `synthesize`).
+    """
+    header: dict[str, Any] = {"version": MANIFEST_VERSION}
+    if generator is not None:
+        header["generator"] = generator
+    return header | {
+        "site": site,
+        "seed": seed,
+        "settings_hash": settings_hash,
+        "settings": settings,
+        "sampling": sampling,
+        "model": model,
+        "cache": {"root": str(cache.root), "prep_hash": cache.prep_hash, "size": cache.size,
+                  "modalities": list(cache.modalities)},
+        "mask_cases": mask_cases,
+        "host_cases": host_cases,
+        "labels": labels,
+        "n_planned": n_planned,
+    }
 
 
 def finish_synthesis(

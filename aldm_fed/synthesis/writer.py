@@ -206,7 +206,8 @@ def write_labels_csv(
 def resume_records(
     out_dir: Path, ids: Sequence[str], modalities: Sequence[str], settings_hash: str, *, what_changed: str
 ) -> dict[int, dict[str, Any]]:
-    """The complete cases a killed or finished run left in `out_dir`, by index (a rerun keeps them).
+    """The complete cases a killed or finished run left in `out_dir`, by index (a rerun keeps them);
+    `out_dir` is made when missing.
 
     Debris of a case killed mid-write (`.<id>.tmp` / `.<id>.old` from `atomic_dir`) is removed.
 
@@ -218,10 +219,11 @@ def resume_records(
         what_changed: named in the error, e.g. "seed, masks, sampler, cases or model".
 
     Raises:
-        SynthesisError: a complete case made with other settings.
+        SynthesisError: `out_dir` is a file, or a complete case was made with other settings.
     """
-    from aldm_fed.synthesis.errors import SynthesisError
-
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SynthesisError(f"{out_dir}: exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
     records: dict[int, dict[str, Any]] = {}
     for i, sid in enumerate(ids):
         for debris in (out_dir / f".{sid}.tmp", out_dir / f".{sid}.old"):
