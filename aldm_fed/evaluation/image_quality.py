@@ -53,8 +53,7 @@ def host_of(item: CaseItem) -> str | None:
 
 
 def _stack(items: Sequence[CaseItem]) -> np.ndarray:
-    # C order: NIfTI-loaded volumes are Fortran-ordered, and MONAI's MMDMetric `view`s its input.
-    return np.ascontiguousarray(np.stack([np.asarray(it.image, dtype=np.float32) for it in items]))
+    return np.stack([np.asarray(it.image, dtype=np.float32) for it in items])  # a new C-ordered array
 
 
 def site_image_quality(
