@@ -5,14 +5,15 @@ UNet + ControlNet at the latent size) one training step (forward, loss, backward
 
 | variant | what changes |
 |---|---|
-| `fp32` | plain float32 |
+| `fp32` | plain float32, PyTorch's default AdamW (a Python loop over the parameters on CPU) |
 | `bf16` | bf16 autocast (what `device=auto` picks on a CPU with native bf16) |
-| `bf16+channels_last` | the same, with model and batch in `torch.channels_last_3d` |
-| `bf16+compile` | the same, the step's modules wrapped by `torch.compile` (`--compile`; compiling takes minutes on 2 cores and is timed apart) |
-| `bf16, 1 thread` | one intra-op thread instead of all the process may use |
+| `bf16+fused` | the same with the fused AdamW kernel (`training.optim.adam_optimizer`) |
+| `bf16+fused+channels_last` | the same, model and batch in `torch.channels_last_3d` (`device.channels_last`): today's default on CPU |
+| `bf16+compile` | `bf16`, the step's modules wrapped by `torch.compile` (`--compile`; compiling takes minutes on 2 cores and is timed apart) |
+| `bf16, 1 thread` | `bf16` with one intra-op thread instead of all the process may use |
 
 Each figure is the best of `--repeats` timed blocks after a warm-up, and the ratio to the `bf16`
-row (today's default) is what to compare: these machines' timing noise is large. `max_rel_err`
+row is what to compare: these machines' timing noise is large. `max_rel_err`
 is the largest relative difference of the step's loss to fp32 over the timed steps' first batch.
 
     python benchmarks/speedups.py --size 64 --out bench-speedups.json
@@ -38,9 +39,10 @@ from aldm_fed.diffusion import conditioning_config, diffusion_loss, encode_mask
 from aldm_fed.diffusion.schedulers import build_scheduler
 from aldm_fed.io import atomic_write_json
 from aldm_fed.models import build_controlnet, build_unet, build_vae, vae_downsample_factor
+from aldm_fed.training.optim import adam_optimizer
 
 PRESET = {32: "tiny", 64: "demo", 96: "demo"}
-VARIANTS = ("fp32", "bf16", "bf16+channels_last", "bf16+compile", "bf16, 1 thread")
+VARIANTS = ("fp32", "bf16", "bf16+fused", "bf16+fused+channels_last", "bf16+compile", "bf16, 1 thread")
 
 
 def _networks(size: int, seed: int = 0) -> dict[str, tuple[list[nn.Module], Callable[..., torch.Tensor], tuple]]:
@@ -83,12 +85,12 @@ def measure(name: str, size: int, variant: str, steps: int, repeats: int, thread
     modules, loss_fn, inputs = _networks(size)[name]
     torch.set_num_threads(1 if variant == "bf16, 1 thread" else threads)
     dtype = None if variant == "fp32" else torch.bfloat16
-    if variant == "bf16+channels_last":
+    if variant.endswith("+channels_last"):
         modules = [m.to(memory_format=torch.channels_last_3d) for m in modules]
         inputs = tuple(_to_channels_last(t) for t in inputs)
     call_modules = [torch.compile(m) for m in modules] if variant == "bf16+compile" else modules
     params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = adam_optimizer(params, lr=1e-4) if "+fused" in variant else torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> float:
         ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -11,7 +11,9 @@ autocast where the CPU has it, as `device=auto` picks):
   (network build, run folder, final checkpoint) and keeps everything a step really pays
   (batching, loss, grad clip, EMA, metrics log, progress);
 - bare: the same networks (MONAI's, or the plain-torch AlexLite of the slice classifier), forward +
-  loss + backward + AdamW step on one fixed batch in a plain loop.
+  loss + backward + AdamW step on one fixed batch in a plain loop, with the same optimizer kernel
+  (fused AdamW) and memory layout (`device.channels_last`) as ours, so that the ratio is our
+  loop's overhead alone (`benchmarks/speedups.py` measures what those two choices gain).
 
 Each (stage, size, ours|bare) runs in a fresh child process, one after the other, so that its peak
 memory can be read honestly: `peak_mb` is the child's peak resident set (`ru_maxrss`, which
@@ -192,10 +194,11 @@ def _bare_step(stage: str, size: int) -> tuple[Callable[[], Any], list[Any]]:
         build_vae,
         vae_downsample_factor,
     )
-    from aldm_fed.training.device import autocast_context, resolve_device
+    from aldm_fed.training.common import device_setup
+    from aldm_fed.training.device import autocast_context, training_layout
 
     cfg = _cfg(size, 1, Path("."), _task(stage))
-    setup = resolve_device(str(cfg.device.spec), str(cfg.device.precision))
+    setup = device_setup(cfg)
     dev = setup.device
     if stage.startswith("classifier_"):
         from aldm_fed.models.classifier import build_classifier
@@ -215,7 +218,7 @@ def _bare_step(stage: str, size: int) -> tuple[Callable[[], Any], list[Any]]:
     vols = _volumes(size, 4, n=1)
     x = torch.from_numpy(vols.images[0])[None].to(dev)
     if stage == "vae":
-        net = build_vae(cfg.model.vae, 4).to(dev)
+        net = training_layout(build_vae(cfg.model.vae, 4), setup)
 
         def step() -> torch.Tensor:
             with autocast_context(setup):
@@ -226,9 +229,10 @@ def _bare_step(stage: str, size: int) -> tuple[Callable[[], Any], list[Any]]:
     cond = conditioning_config(cfg.model.conditioning)
     f = vae_downsample_factor(cfg.model.vae)
     lc = int(cfg.model.vae.latent_channels)
-    unet = build_unet(cfg.model.unet, lc, cond.unet_mask_channels).to(dev)
+    unet = training_layout(build_unet(cfg.model.unet, lc, cond.unet_mask_channels), setup)
     cn = build_controlnet(cfg.model.unet, cfg.model.controlnet, lc, f, mask_channels=cond.mask_channels,
-                          unet_mask_channels=cond.unet_mask_channels).to(dev)
+                          unet_mask_channels=cond.unet_mask_channels)
+    training_layout(cn, setup)
     scheduler = build_scheduler(cfg.scheduler)
     z0 = torch.randn(1, lc, *(size // f,) * 3, device=dev)
     mask = encode_mask(torch.from_numpy(vols.segs[0])[None].long(), cond.encoding).to(dev)
@@ -254,10 +258,10 @@ def bare_per_step(stage: str, size: int, steps: int, repeats: int) -> float:
         steps: timed steps per repeat (N2 - N1, as many as ours differences over).
         repeats: timed repeats, each after one warm-up step.
     """
-    import torch
+    from aldm_fed.training.optim import adam_optimizer
 
     step, params = _bare_step(stage, size)
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = adam_optimizer(params, lr=1e-4)
     best = float("inf")
     for _ in range(repeats):
         step().backward()  # warm-up (allocator, oneDNN kernels)

@@ -65,6 +65,7 @@ from aldm_fed.models._cfg import as_plain_dict, check_keys, get_bool, get_float,
 from aldm_fed.training.common import optimizer_step
 from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler, resolve_device
 from aldm_fed.training.loop import LoopConfig, LoopResult, batch_indices, run_loop, stable_seed
+from aldm_fed.training.optim import adam_optimizer
 
 __all__ = [
     "FAITHFULNESS_FILE",
@@ -326,7 +327,7 @@ def train_segmenter(
     model.to(setup.device)
     # batch=True: Dice over the whole batch, so a patch without tumour does not give a 0/0 Dice.
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    opt = adam_optimizer(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     params = list(model.parameters())
     scaler = make_grad_scaler(setup)  # active only for fp16 on CUDA
     optimizers: dict[str, Any] = {"segmenter": opt}

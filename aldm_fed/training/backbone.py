@@ -56,7 +56,7 @@ from aldm_fed.training.common import (
     stage_section,
     warn_weight_copy,
 )
-from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler
+from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler, training_layout
 from aldm_fed.training.latents import LatentSet
 from aldm_fed.training.loop import LoopConfig, batch_indices, run_loop
 
@@ -271,8 +271,8 @@ def train_backbone(
 
     # 2. Networks: UNet, and a ControlNet copying its encoder.
     unet, controlnet = build_diffusion_networks(cfg, latents.latent_channels, factor)
-    unet.to(setup.device)
-    controlnet.to(setup.device)
+    training_layout(unet, setup)
+    training_layout(controlnet, setup)
     modules: dict[str, nn.Module] = {"unet": unet, "controlnet": controlnet}
     init_hash = init_from_state(modules, init_state)
 

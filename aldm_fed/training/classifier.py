@@ -30,6 +30,7 @@ from aldm_fed.evaluation.tasks import TaskData
 from aldm_fed.training.common import optimizer_step
 from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler, resolve_device
 from aldm_fed.training.loop import LoopConfig, LoopResult, batch_indices, run_loop
+from aldm_fed.training.optim import adam_optimizer
 
 __all__ = [
     "AugmentConfig",
@@ -265,7 +266,7 @@ def train_classifier(
     w0, w1 = class_weights(data.labels, cfg.class_balanced)
     labels = torch.as_tensor(data.labels, dtype=torch.float32)
     aug_fn = build_augmentation(augment, data.sample_shape) if augment is not None else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adam_optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = list(model.parameters())
     scaler = make_grad_scaler(setup)  # active only for fp16 on CUDA
     optimizers: dict[str, Any] = {"classifier": opt}

@@ -27,6 +27,7 @@ from aldm_fed.checkpoints import plain_config
 from aldm_fed.models._cfg import as_plain_dict, check_keys, get_bool, get_float, get_int
 from aldm_fed.training.device import DeviceSetup, resolve_device
 from aldm_fed.training.loop import LoopConfig
+from aldm_fed.training.optim import adam_optimizer
 
 __all__ = [
     "LOOP_KEYS",
@@ -127,14 +128,14 @@ class OptimSettings:
             grad_clip=None if clip is None else float(clip),
         )
 
-    def adamw(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.AdamW:
-        """A fresh AdamW over `params`.
+    def adamw(self, params: Iterable[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+        """A fresh AdamW over `params` (`adam_optimizer`: fused where the device has the kernel).
 
         Args:
             params: the trained parameters.
             lr: overrides `self.lr` (e.g. the discriminator's).
         """
-        return torch.optim.AdamW(params, lr=self.lr if lr is None else lr, weight_decay=self.weight_decay)
+        return adam_optimizer(params, lr=self.lr if lr is None else lr, weight_decay=self.weight_decay)
 
 
 def loop_config(section: Mapping[str, Any], seed: int, progress: bool = True) -> LoopConfig:
@@ -151,7 +152,7 @@ def loop_config(section: Mapping[str, Any], seed: int, progress: bool = True) ->
 
 
 def device_setup(cfg: Any) -> DeviceSetup:
-    """`resolve_device(cfg.device.spec, cfg.device.precision)` (auto / auto when absent).
+    """`resolve_device(cfg.device.spec, cfg.device.precision, cfg.device.channels_last)` (auto when absent).
 
     Args:
         cfg: the composed config.
@@ -159,7 +160,8 @@ def device_setup(cfg: Any) -> DeviceSetup:
     dev = cfg.get("device") if hasattr(cfg, "get") else None
     spec = str(dev.get("spec", "auto")) if dev is not None else "auto"
     precision = str(dev.get("precision", "auto")) if dev is not None else "auto"
-    return resolve_device(spec, precision)
+    channels_last = str(dev.get("channels_last", "auto")) if dev is not None else "auto"
+    return resolve_device(spec, precision, channels_last)
 
 
 def run_config(cfg: Any, stage: str, section: Mapping[str, Any], **parts: Any) -> dict[str, Any]:

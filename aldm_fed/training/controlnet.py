@@ -44,7 +44,7 @@ from aldm_fed.training.common import (
     stage_section,
     warn_weight_copy,
 )
-from aldm_fed.training.device import make_grad_scaler
+from aldm_fed.training.device import make_grad_scaler, training_layout
 from aldm_fed.training.latents import LatentSet
 from aldm_fed.training.loop import run_loop
 
@@ -132,7 +132,7 @@ def train_controlnet(
     torch.manual_seed(int(cfg.seed))
 
     # 2. The frozen backbone and the trainable ControlNet.
-    freeze(unet).to(setup.device)
+    training_layout(freeze(unet), setup)
     controlnet = build_controlnet(
         cfg.model.unet, cfg.model.controlnet, latents.latent_channels, factor,
         mask_channels=cond.mask_channels, unet_mask_channels=cond.unet_mask_channels,
@@ -142,7 +142,7 @@ def train_controlnet(
         # the backbone's encoder, zero residual outputs
         warn_weight_copy(controlnet_from_unet(controlnet, unet), log, f"controlnet ({site})")
     init_hash = init_from_state({"controlnet": controlnet}, init_state)
-    controlnet.to(setup.device)
+    training_layout(controlnet, setup)
     modules: dict[str, nn.Module] = {"controlnet": controlnet}
 
     # 3. Only the ControlNet's parameters are optimised.

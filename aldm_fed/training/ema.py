@@ -33,6 +33,8 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        # the tensor pairs of the last module updated from (found once: walking the modules each step costs)
+        self._paired: tuple[nn.Module, tuple[list[torch.Tensor], ...]] | None = None
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
@@ -41,18 +43,44 @@ class EMA:
         Args:
             module: the module being trained.
         """
+        avg_f, cur_f, avg_other, cur_other = self._pairs(module)
+        # one fused lerp over all floating tensors: avg + (1 - decay) * (cur - avg). A Python loop
+        # over ~300 tensors (with a named_parameters walk) cost more than the 1.10x per-step budget.
+        if avg_f:
+            torch._foreach_lerp_(avg_f, cur_f, 1.0 - self.decay)
+        if avg_other:
+            torch._foreach_copy_(avg_other, cur_other)
+
+    def _pairs(
+        self, module: nn.Module
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(averaged floats, trained floats, copied averages, copied sources), checked once per module."""
+        if self._paired is not None and self._paired[0] is module:
+            return self._paired[1]
+        avg_f: list[torch.Tensor] = []
+        cur_f: list[torch.Tensor] = []
+        avg_o: list[torch.Tensor] = []
+        cur_o: list[torch.Tensor] = []
         for (name, avg), (_, cur) in zip(
             self.module.named_parameters(), module.named_parameters(), strict=True
         ):
             if avg.shape != cur.shape:
                 raise ValueError(f"EMA parameter {name!r}: shape {[*avg.shape]} != {[*cur.shape]}")
-            if avg.is_floating_point():
-                # lerp: avg + (1 - decay) * (cur - avg), one fused op per tensor
-                avg.lerp_(cur.detach().to(avg.dtype), 1.0 - self.decay)
+            if avg.is_floating_point() and avg.dtype == cur.dtype and avg.device == cur.device:
+                avg_f.append(avg)
+                cur_f.append(cur)
+            elif avg.is_floating_point():
+                raise ValueError(f"EMA parameter {name!r}: {cur.dtype} on {cur.device}, the average is "
+                                 f"{avg.dtype} on {avg.device}")
             else:
-                avg.copy_(cur)
+                avg_o.append(avg)
+                cur_o.append(cur)
+        # buffers (e.g. BatchNorm running stats, already averages) are copied
         for avg, cur in zip(self.module.buffers(), module.buffers(), strict=True):
-            avg.copy_(cur)
+            avg_o.append(avg)
+            cur_o.append(cur)
+        self._paired = (module, (avg_f, cur_f, avg_o, cur_o))
+        return self._paired[1]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights, with the wrapped module's keys."""

@@ -50,6 +50,7 @@ from aldm_fed.training.common import (
 )
 from aldm_fed.training.device import autocast_context, make_grad_scaler
 from aldm_fed.training.loop import batch_indices, run_loop
+from aldm_fed.training.optim import adam_optimizer
 
 __all__ = ["ADV_CRITERIA", "GAN_DEFAULTS", "gan_section", "load_gan_generator", "train_gan"]
 
@@ -178,8 +179,8 @@ def train_gan(
     lr = float(section["lr"])
     disc_lr = lr if section["disc_lr"] is None else float(section["disc_lr"])
     wd = float(section["weight_decay"])
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas, weight_decay=wd)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=betas, weight_decay=wd)
+    opt_g = adam_optimizer(generator.parameters(), lr=lr, betas=betas, weight_decay=wd, decoupled=False)
+    opt_d = adam_optimizer(disc.parameters(), lr=disc_lr, betas=betas, weight_decay=wd, decoupled=False)
     scaler = make_grad_scaler(setup)
     optimizers: dict[str, Any] = {"generator": opt_g, "disc": opt_d}
     if setup.use_grad_scaler:

@@ -73,6 +73,7 @@ from aldm_fed.checkpoints import (
 )
 from aldm_fed.io import atomic_write_json, atomic_write_text
 from aldm_fed.training.ema import EMA
+from aldm_fed.training.optim import match_state_layout
 
 __all__ = [
     "CKPT_DIR",
@@ -487,6 +488,8 @@ def _restore(
     for name, opt in optimizers.items():
         structure = ckpt.meta["optimizers"][name]
         opt.load_state_dict(optimizer_state_from_tensors(group(f"optim.{name}"), structure))
+        if isinstance(opt, torch.optim.Optimizer):
+            match_state_layout(opt)  # checkpoints are contiguous; channels_last parameters are not
     restore_rng_state(group("rng"), ckpt.meta["rng"])
     return int(ckpt.meta["step"])
 

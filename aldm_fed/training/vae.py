@@ -61,7 +61,7 @@ from aldm_fed.training.common import (
     run_config,
     stage_section,
 )
-from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler
+from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler, training_layout
 from aldm_fed.training.loop import batch_indices, run_loop
 
 __all__ = [
@@ -299,7 +299,7 @@ def train_vae(
     torch.manual_seed(int(cfg.seed))  # the initial weights are part of the run
 
     # 2. Networks and losses.
-    vae = build_vae(cfg.model.vae, in_channels=volumes.channels).to(setup.device)
+    vae = training_layout(build_vae(cfg.model.vae, in_channels=volumes.channels), setup)
     modules: dict[str, nn.Module] = {"vae": vae}
     adversarial = float(section["adv_weight"]) > 0
     disc = adv_loss = None
@@ -314,7 +314,8 @@ def train_vae(
             out_channels=1,
             num_layers_d=int(section["disc_layers"]),
             norm="INSTANCE",
-        ).to(setup.device)
+        )
+        disc = training_layout(disc, setup)
         modules["disc"] = disc
         adv_loss = PatchAdversarialLoss(criterion="least_squares")
     perceptual, perceptual_note = build_perceptual_loss(section)

@@ -49,6 +49,6 @@ def test_speedups_table_has_every_variant(tmp_path):
     _module("speedups").main(["--size", "32", "--networks", "backbone", "--steps", "1", "--repeats", "1",
                               "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["fp32", "bf16", "bf16+channels_last", "bf16, 1 thread"]
+    assert [r["variant"] for r in rows] == ["fp32", "bf16", "bf16+fused", "bf16+fused+channels_last", "bf16, 1 thread"]
     assert all(r["s_per_step"] > 0 for r in rows)
     assert next(r for r in rows if r["variant"] == "bf16")["ratio_to_bf16"] == 1.0

@@ -228,6 +228,31 @@ def test_ema_follows_known_sequence(tmp_path: Path) -> None:
     assert load_checkpoint(result.checkpoint).tensors["ema.m"]["weight"].item() == 2.125
 
 
+def test_ema_averages_every_parameter_copies_buffers_and_checks_shapes() -> None:
+    """The fused update equals the per-tensor formula on a net with BatchNorm buffers, also after
+    the live weights change in place (the tensor pairs are found once and kept)."""
+    torch.manual_seed(0)
+    live = nn.Sequential(nn.Conv3d(2, 3, 3), nn.BatchNorm3d(3), nn.Flatten(), nn.LazyLinear(1))
+    live(torch.randn(2, 2, 5, 5, 5))  # materialise the lazy layer, move the running stats
+    ema = EMA(live, decay=0.9)
+    expected = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p))
+        live.train()(torch.randn(2, 2, 5, 5, 5))  # new running stats (buffers)
+        ema.update(live)
+        params = dict(live.named_parameters())
+        for k, v in live.state_dict().items():
+            expected[k] = expected[k] + 0.1 * (v - expected[k]) if k in params else v.clone()
+    got = ema.state_dict()
+    for k, v in expected.items():
+        assert torch.allclose(got[k].float(), v.float(), atol=1e-6), k
+    assert got["1.num_batches_tracked"].item() == live[1].num_batches_tracked.item() == 4
+    with pytest.raises(ValueError, match="shape"):
+        EMA(nn.Linear(2, 1), 0.9).update(nn.Linear(3, 1))
+
+
 def test_batch_indices_are_seeded_epochs() -> None:
     n, bs = 10, 4
     flat = [i for step in range(5) for i in batch_indices(3, step, n, bs)]  # 20 positions = 2 epochs
@@ -264,7 +289,7 @@ def test_train_and_device_groups_compose(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         for choice, spec in [("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda")]:
             cfg = compose(config_name="config", overrides=[f"device={choice}"])
-            assert cfg.device.spec == spec and set(cfg.device) == {"spec", "precision", "num_threads"}
+            assert cfg.device.spec == spec and set(cfg.device) == {"spec", "precision", "num_threads", "channels_last"}
     LoopConfig.from_mapping(cfg.train, seed=cfg.seed)
 
 
