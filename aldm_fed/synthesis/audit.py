@@ -29,6 +29,14 @@ models were trained on: the K `target` cases and, where the site has them, its `
    the training set as real patients are from each other has a ratio near 1; **smaller = closer to a
    copy**; 0 = an exact copy (up to intensity scale).
 
+With `audit.mirror` (default on), every reference case is also compared in its left-right MIRRORED
+form (`mirror_volume`: image and brain mask mirrored across the brain's mid-sagittal plane, along
+voxel axis 0 of the RAS cache), because the mask augmentation mirrors tumour masks
+(`aldm_fed.synthesis.masks`) and a model that memorised a patient may return that patient mirrored.
+The nearest case is then the best over both forms in each space (`SampleAudit.nearest_mirrored`
+says which form won), and the typical distance is taken over both forms of the OTHER cases, never
+a case's own mirror (see `audit_volumes`).
+
 A volume is **flagged as a near-copy when its ratio is BELOW `audit.threshold`** (default 0.5: closer
 to a training case than half the typical distance between two different patients), in the image
 space by default (`audit.flag_on`: image | features | either). The same ratio of each reference case
@@ -87,6 +95,7 @@ __all__ = [
     "audit_volumes",
     "feature_distances",
     "image_distances",
+    "mirror_volume",
     "read_audit",
     "reference_cases",
 ]
@@ -94,12 +103,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GROUP = "audit"
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2  # 2: `mirror` setting, `nearest_mirrored` per sample
 AUDIT_JSON = "audit.json"
 AUDIT_CSV = "audit.csv"
 FLAG_ON: tuple[str, ...] = ("image", "features", "either")
 _SPLITS: tuple[str, ...] = ("target", "source")
-_KEYS = ("enabled", "threshold", "reference", "max_shift", "features", "flag_on", "exclude_flagged")
+_KEYS = ("enabled", "threshold", "reference", "max_shift", "mirror", "features", "flag_on", "exclude_flagged")
 # The numbers a site may share (as `audit.<name>`): counts and ratio statistics, never an id.
 SUMMARY_NAMES: tuple[str, ...] = (
     "n_audited", "n_flagged", "n_reference", "threshold",
@@ -112,6 +121,10 @@ AUDIT_KEY_PATTERN = re.compile(rf"audit\.({'|'.join(SUMMARY_NAMES)})")
 _CHUNK_BYTES = 256 * 2**20
 # Reference cases per query searched over shifts (`image_distances`): the nearest on the same grid.
 _SHIFT_CANDIDATES = 3
+# The left-right voxel axis of the cached grid: the cache is RAS (`data.brats` reorients every scan
+# with `nibabel.as_closest_canonical`; `data.preprocess` maps cube to source voxels by a positive
+# diagonal, so no axis is swapped or reversed). `audit_synthesis` checks it on the cached affine.
+_LR_AXIS = 0
 
 
 # ============================================================================================
@@ -131,6 +144,7 @@ class AuditSettings:
             (`target`, `source`); a split the site does not have is skipped.
         max_shift: the image distance is the best over integer shifts of up to this many voxels
             per axis (0 = the same grid only).
+        mirror: also compare every reference case in its left-right mirrored form.
         features: also measure in the fixed random ResNet-10 feature space.
         flag_on: which ratio flags: image | features (needs `features`) | either.
         exclude_flagged: leave flagged volumes out of classifier training.
@@ -140,6 +154,7 @@ class AuditSettings:
     threshold: float = 0.5
     reference: tuple[str, ...] = _SPLITS
     max_shift: int = 1
+    mirror: bool = True
     features: bool = True
     flag_on: str = "image"
     exclude_flagged: bool = True
@@ -172,6 +187,7 @@ class AuditSettings:
             threshold=get_float(c, "threshold", GROUP, minimum=0.0, inclusive_min=False),
             reference=tuple(str(r) for r in reference),
             max_shift=get_int(c, "max_shift", GROUP, minimum=0),
+            mirror=get_bool(c, "mirror", GROUP),
             features=features,
             flag_on=flag_on,
             exclude_flagged=get_bool(c, "exclude_flagged", GROUP),
@@ -180,7 +196,7 @@ class AuditSettings:
     def identity(self) -> dict[str, Any]:
         """The settings that change the audit's numbers or flags (not `enabled`/`exclude_flagged`)."""
         return {"threshold": self.threshold, "reference": list(self.reference), "max_shift": self.max_shift,
-                "features": self.features, "flag_on": self.flag_on}
+                "mirror": self.mirror, "features": self.features, "flag_on": self.flag_on}
 
 
 @dataclass(frozen=True)
@@ -213,9 +229,11 @@ class SampleAudit:
         nearest_case: the nearest reference case in image space.
         distance: 1 - NCC to that case inside the shared brain.
         ratio: `distance` / the typical real-real nearest distance (smaller = closer to a copy).
+        nearest_mirrored: the nearest form of `nearest_case` was its left-right mirror (`mirror`).
         feature_nearest_case: the nearest reference case in feature space (None: features off).
         feature_distance: Euclidean feature distance to it.
         feature_ratio: `feature_distance` / the typical real-real nearest feature distance.
+        feature_nearest_mirrored: the same for `feature_nearest_case` (None: features off).
         flagged: a near-copy by `AuditSettings.flag_on` and `threshold`.
     """
 
@@ -223,9 +241,11 @@ class SampleAudit:
     nearest_case: str
     distance: float
     ratio: float
+    nearest_mirrored: bool
     feature_nearest_case: str | None
     feature_distance: float | None
     feature_ratio: float | None
+    feature_nearest_mirrored: bool | None
     flagged: bool
 
 
@@ -236,7 +256,8 @@ class AuditResult:
     Args:
         samples: one entry per synthetic volume, in the order given.
         reference_cases: the real cases compared with.
-        real_nn_distance: each reference case's image distance to its nearest OTHER reference case.
+        real_nn_distance: each reference case's image distance to its nearest OTHER reference case
+            (either form of it with `mirror`).
         typical_distance: the median of `real_nn_distance` (the ratios' denominator).
         feature_real_nn_distance: the same in feature space (None: features off).
         feature_typical_distance: its median (None: features off).
@@ -314,7 +335,10 @@ class AuditResult:
                 "distance between two different reference cases; smaller = closer to a copy, 0 = a copy. "
                 f"flagged when the {self.settings.flag_on} ratio is below {self.settings.threshold}. "
                 "distance = 1 - NCC inside the shared brain (image); Euclidean (features of the fixed "
-                "random ResNet-10 of fd_rand_resnet10_3d)."
+                "random ResNet-10 of fd_rand_resnet10_3d). "
+                + ("Each reference case also counts in its left-right mirrored form (nearest_mirrored: "
+                   "that form was nearest); a case's own mirror never counts in its leave-one-out distance."
+                   if self.settings.mirror else "Mirrored copies are not searched (mirror: false).")
             ),
             "summary": self.summary(),
             "reference": {
@@ -434,13 +458,19 @@ def _ncc_distances(
         flat = [_flat(reference[j], shape) for j in cols]
         r_all = torch.stack([f[0].reshape(channels, -1) for f in flat])   # (n, C, V), 0 outside each brain
         rb_all = torch.stack([f[1].reshape(-1) for f in flat])            # (n, V)
+        r2_all = r_all * r_all                                            # once per chunk, not per query
         for qi, q_vol in enumerate(queries):
             keep = np.ones(len(cols), bool) if pairs is None else pairs[qi, cols]
             if not keep.any():
                 continue
-            idx = torch.from_numpy(np.flatnonzero(keep))
-            r, rb = r_all[idx], rb_all[idx]
-            r2 = r * r
+            # Most pairs wanted (all but a case's own forms): compute the whole chunk and keep those,
+            # cheaper than copying the chunk; a few (the shift search): copy just those.
+            dense = 2 * int(keep.sum()) > len(cols)
+            if dense:
+                r, rb, r2 = r_all, rb_all, r2_all
+            else:
+                idx = torch.from_numpy(np.flatnonzero(keep))
+                r, rb, r2 = r_all[idx], rb_all[idx], r2_all[idx]
             q0, qb0 = _flat(q_vol, shape)
             for shift in shifts:
                 q, qb = _shifted(q0, qb0, shift)
@@ -457,6 +487,8 @@ def _ncc_distances(
                 ok = (denom > 1e-12) & (n[:, None] >= 2)
                 corr = torch.where(ok, cov / denom.clamp(min=1e-300), torch.zeros_like(cov)).clamp(-1.0, 1.0)
                 dist = (1.0 - corr.mean(dim=1)).clamp(min=0.0).numpy()
+                if dense:
+                    dist = dist[keep]
                 sel = cols[keep]
                 best[qi, sel] = np.minimum(best[qi, sel], dist)
             bar.update(1)
@@ -465,7 +497,7 @@ def _ncc_distances(
 
 def image_distances(
     queries: Sequence[AuditVolume], reference: Sequence[AuditVolume], *, max_shift: int = 0,
-    progress: bool = False, desc: str = "audit: image distances",
+    exclude: np.ndarray | None = None, progress: bool = False, desc: str = "audit: image distances",
 ) -> np.ndarray:
     """`1 - NCC` of every query to every reference volume inside the voxels that are brain in both.
 
@@ -480,6 +512,8 @@ def image_distances(
         queries: the volumes to place (synthetic, or the reference itself for real-real distances).
         reference: the real cases; same channels and grid as the queries.
         max_shift: largest shift per axis, in voxels.
+        exclude: bool (len(queries), len(reference)): pairs not computed (inf), e.g. a reference case
+            against itself; they take no shift-search place.
         progress: a progress bar over the queries.
         desc: its label.
 
@@ -493,14 +527,23 @@ def image_distances(
 
     if not queries or not reference:
         return np.zeros((len(queries), len(reference)))
+    keep: np.ndarray | None = None
+    if exclude is not None:
+        exclude = np.asarray(exclude, dtype=bool)
+        if exclude.shape != (len(queries), len(reference)):
+            raise ValueError(f"image_distances: exclude has shape {exclude.shape}, expected "
+                             f"{(len(queries), len(reference))} (queries, reference)")
+        keep = ~exclude
     passes = 1 if max_shift == 0 else 2
     n_chunks = math.ceil(len(reference) / max(1, _CHUNK_BYTES // (2 * np.asarray(reference[0].image).size * 8)))
     with tqdm(total=passes * len(queries) * n_chunks, desc=desc, unit="vol", disable=not progress) as bar:
-        d = _ncc_distances(queries, reference, [(0, 0, 0)], None, bar)
+        d = _ncc_distances(queries, reference, [(0, 0, 0)], keep, bar)
         if max_shift > 0:
             k = min(_SHIFT_CANDIDATES, len(reference))
             pairs = np.zeros_like(d, dtype=bool)
             np.put_along_axis(pairs, np.argsort(d, axis=1)[:, :k], True, axis=1)
+            if keep is not None:
+                pairs &= keep
             shifted = [s for s in _shifts(max_shift) if any(s)]
             d = np.minimum(d, _ncc_distances(queries, reference, shifted, pairs, bar))
     return d
@@ -524,26 +567,58 @@ def feature_distances(
     """
     from sklearn.metrics import pairwise_distances
 
-    from aldm_fed.evaluation.metrics import FeatureNetSpec, extract_features
-
     if not queries or not reference:
         return np.zeros((len(queries), len(reference)))
-    spec = FeatureNetSpec(3, int(np.asarray(reference[0].image).shape[0]), seed=0)
-
-    def features(volumes: Sequence[AuditVolume]) -> np.ndarray:
-        parts = [extract_features(np.stack([np.asarray(v.image, dtype=np.float32)
-                                            for v in volumes[i : i + batch_size]]), spec, batch_size=batch_size)
-                 for i in range(0, len(volumes), batch_size)]
-        return torch.cat(parts).numpy()
-
-    return pairwise_distances(features(queries), features(reference), metric="euclidean")
+    return pairwise_distances(_features(queries, batch_size), _features(reference, batch_size), metric="euclidean")
 
 
-def _loo_nearest(d: np.ndarray) -> np.ndarray:
-    """Each reference case's distance to its nearest OTHER reference case (diagonal left out)."""
-    d = d.copy()
-    np.fill_diagonal(d, np.inf)
-    return d.min(axis=1)
+def _features(volumes: Sequence[AuditVolume], batch_size: int = 4) -> np.ndarray:
+    """(n, 128) fixed random ResNet-10 features of `fd_rand_resnet10_3d` (seed 0)."""
+    from aldm_fed.evaluation.metrics import FeatureNetSpec, extract_features
+
+    spec = FeatureNetSpec(3, int(np.asarray(volumes[0].image).shape[0]), seed=0)
+    parts = [extract_features(np.stack([np.asarray(v.image, dtype=np.float32)
+                                        for v in volumes[i : i + batch_size]]), spec, batch_size=batch_size)
+             for i in range(0, len(volumes), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def mirror_volume(volume: AuditVolume, axis: int = _LR_AXIS) -> AuditVolume:
+    """The volume mirrored left-right across its brain's mid-sagittal plane (x -> lo + hi - x).
+
+    The plane is the middle of the brain's extent along `axis`, as the mask augmentation mirrors a
+    tumour (`aldm_fed.synthesis.masks`), so the mirrored brain keeps its place on the grid (on a
+    cache cropped to the brain box, lo + hi = S - 1 and this is a plain flip of the grid). lo + hi
+    is an integer, so voxel centres map onto voxel centres. An empty brain is flipped on the grid.
+
+    Args:
+        volume: the volume (its brain mask is mirrored with it).
+        axis: the left-right spatial axis (0 in the RAS cache).
+
+    Returns:
+        An `AuditVolume` with id `<case_id>~mirrored` and an explicit brain mask.
+    """
+    image, brain = np.asarray(volume.image), volume.mask()
+    other_axes = tuple(a for a in range(brain.ndim) if a != axis)
+    extent = np.flatnonzero(brain.any(axis=other_axes))
+    # flip: x -> S-1-x; the roll then moves the mirrored brain back onto [lo, hi] (nothing of the
+    # brain wraps around; whatever image wraps lies outside the brain, which the distances ignore).
+    shift = int(extent[0] + extent[-1] - (brain.shape[axis] - 1)) if extent.size else 0
+    mirrored_image = np.roll(np.flip(image, axis=axis + 1), shift, axis=axis + 1)
+    mirrored_brain = np.roll(np.flip(brain, axis=axis), shift, axis=axis)
+    return AuditVolume(f"{volume.case_id}~mirrored", np.ascontiguousarray(mirrored_image),
+                       np.ascontiguousarray(mirrored_brain.astype(np.uint8)))
+
+
+def _own_forms(n: int, forms: int) -> np.ndarray:
+    """bool (n, forms * n): True where a reference case meets one of its own forms (itself, its mirror)."""
+    return np.tile(np.eye(n, dtype=bool), (1, forms))
+
+
+def _loo_nearest(d: np.ndarray, forms: int = 1) -> np.ndarray:
+    """Each reference case's distance to its nearest OTHER reference case, in any of its `forms`
+    (`d` is (n, forms * n), form-major columns; the case's own forms are left out)."""
+    return np.where(_own_forms(d.shape[0], forms), np.inf, d).min(axis=1)
 
 
 def audit_volumes(
@@ -552,6 +627,7 @@ def audit_volumes(
     settings: AuditSettings | Mapping[str, Any] | Any = None,
     *,
     site: str | None = None,
+    lr_axis: int = _LR_AXIS,
     progress: bool = False,
 ) -> AuditResult:
     """Audit synthetic volumes against the real reference cases (no files; see `audit_synthesis`).
@@ -561,6 +637,7 @@ def audit_volumes(
         reference: the real training cases (>= 2: the typical distance needs pairs), same grid.
         settings: the `audit` group or `AuditSettings`; None = the defaults.
         site: recorded in the result.
+        lr_axis: the left-right spatial axis the mirror flips (`audit.mirror`; 0 in the RAS cache).
         progress: progress bars.
 
     Returns:
@@ -578,35 +655,53 @@ def audit_volumes(
     for what, ids in (("reference", ref_ids), ("synthetic", [v.case_id for v in synthetic])):
         if len(set(ids)) != len(ids):
             raise ValueError(f"audit: repeated {what} ids in {ids}")
-    # 1. Image space: synthetic -> reference, and reference -> reference (leave-one-out).
-    d_ref = image_distances(reference, reference, max_shift=s.max_shift, progress=progress, desc="audit: real-real")
-    d_syn = image_distances(synthetic, reference, max_shift=s.max_shift, progress=progress,
+    # 1. The candidate forms of the reference: column j of every distance matrix is case j % n, in
+    # its original form (j < n) or mirrored (j >= n). The mirrors are made once and serve both spaces.
+    n = len(reference)
+    forms = [list(reference)] + ([[mirror_volume(v, lr_axis) for v in reference]] if s.mirror else [])
+    candidates = [v for form in forms for v in form]
+    # Leave-one-out over the OTHER cases in both forms, never a case's own mirror: a brain is nearly
+    # symmetric, so its own mirror is almost itself and would shrink the typical distance (and
+    # inflate every ratio). The own pairs are not computed at all (nor take a shift-search place).
+    own = _own_forms(n, len(forms))
+    # 2. Image space: synthetic -> reference forms, and reference -> the other cases' forms.
+    d_ref = image_distances(reference, candidates, max_shift=s.max_shift, exclude=own, progress=progress,
+                            desc="audit: real-real")
+    d_syn = image_distances(synthetic, candidates, max_shift=s.max_shift, progress=progress,
                             desc="audit: synthetic-real")
-    real_nn = _loo_nearest(d_ref)
+    real_nn = _loo_nearest(d_ref, len(forms))
     typical = float(np.median(real_nn))
-    # 2. Feature space (optional).
+    # 3. Feature space (optional): each volume's features once (synthetic, then every candidate).
     f_real_nn: np.ndarray | None = None
     f_typical: float | None = None
     f_syn: np.ndarray | None = None
     if s.features:
-        f_all = feature_distances([*synthetic, *reference], reference)
-        f_syn, f_real_nn = f_all[: len(synthetic)], _loo_nearest(f_all[len(synthetic):])
+        from sklearn.metrics import pairwise_distances
+
+        vectors = _features([*synthetic, *candidates])
+        f_cand = vectors[len(synthetic):]
+        f_syn = (pairwise_distances(vectors[: len(synthetic)], f_cand, metric="euclidean") if synthetic
+                 else np.zeros((0, len(candidates))))
+        f_real_nn = _loo_nearest(pairwise_distances(f_cand[:n], f_cand, metric="euclidean"), len(forms))
         f_typical = float(np.median(f_real_nn))
-    # 3. Nearest case, ratio and flag per synthetic volume.
+    # 4. Nearest case (best over both forms), ratio and flag per synthetic volume.
     samples = []
     for i, vol in enumerate(synthetic):
-        j = int(np.argmin(d_syn[i])) if d_syn.shape[1] else 0
+        j = int(np.argmin(d_syn[i]))  # ties go to the original form (its columns come first)
         dist = float(d_syn[i, j])
         ratio = float(_ratio(np.asarray([dist]), typical)[0])
-        f_case = f_dist = f_ratio = None
+        f_case = f_dist = f_ratio = f_mirrored = None
         if f_syn is not None and f_typical is not None:
             k = int(np.argmin(f_syn[i]))
-            f_case, f_dist = ref_ids[k], float(f_syn[i, k])
+            f_case, f_dist, f_mirrored = ref_ids[k % n], float(f_syn[i, k]), k >= n
             f_ratio = float(_ratio(np.asarray([f_dist]), f_typical)[0])
         below_image = ratio < s.threshold
         below_features = f_ratio is not None and f_ratio < s.threshold
         flagged = {"image": below_image, "features": below_features, "either": below_image or below_features}[s.flag_on]
-        samples.append(SampleAudit(vol.case_id, ref_ids[j], dist, ratio, f_case, f_dist, f_ratio, bool(flagged)))
+        samples.append(SampleAudit(
+            synth_id=vol.case_id, nearest_case=ref_ids[j % n], distance=dist, ratio=ratio, nearest_mirrored=j >= n,
+            feature_nearest_case=f_case, feature_distance=f_dist, feature_ratio=f_ratio,
+            feature_nearest_mirrored=f_mirrored, flagged=bool(flagged)))
     return AuditResult(
         samples=samples,
         reference_cases=ref_ids,
@@ -750,6 +845,11 @@ def audit_synthesis(
     for case_id in reference:
         case = cache.load(case_id)
         ref_volumes.append(AuditVolume(case_id, case.image, case.brain))
+        lr_axis = int(np.argmax(np.abs(np.asarray(case.affine, dtype=np.float64)[0, :3])))
+        if s.mirror and lr_axis != _LR_AXIS:  # the cache is RAS by construction (see _LR_AXIS)
+            raise ValueError(f"{cache.root}: case {case_id} has world x along voxel axis {lr_axis}, not "
+                             f"{_LR_AXIS} (the cache is not RAS); the audit's mirror (audit.mirror) would "
+                             "flip the wrong axis. Prepare the cache again")
     synthetic = [_load_synthetic(out, r, modalities) for r in records]
     if synthetic and ref_volumes and synthetic[0].image.shape != ref_volumes[0].image.shape:
         raise ValueError(f"{out}: synthetic volumes are {synthetic[0].image.shape}, the cached cases "

@@ -37,6 +37,7 @@ from aldm_fed.synthesis.audit import (
     audit_site,
     audit_volumes,
     image_distances,
+    mirror_volume,
     read_audit,
 )
 
@@ -116,6 +117,7 @@ def test_other_patients_are_mostly_not_flagged(root):
                      + cases(root, "C", "target", "test"))
     others = [AuditVolume(v.case_id, v.image) for v in others]  # brain from the image, like a synthetic case
     result = audit_volumes(others, reference)
+    assert result.settings.mirror  # the default: each reference case also counts mirrored
     assert len(result.samples) == 12
     assert len(result.flagged_ids) <= len(result.samples) // 5
     assert result.summary()["audit.ratio_median"] > 0.5
@@ -128,6 +130,50 @@ def test_a_real_case_submitted_as_synthetic_is_flagged_with_itself_as_nearest(ro
     (sample,) = result.samples
     assert sample.flagged and sample.nearest_case == victim.case_id and sample.feature_nearest_case == victim.case_id
     assert sample.distance == pytest.approx(0.0, abs=1e-9) and sample.ratio == pytest.approx(0.0, abs=1e-8)
+
+
+def test_mirrored_copies_are_flagged_only_with_the_mirror(root):
+    """Stand-in for a memorising model given a mirrored mask (the mask augmentation mirrors tumours):
+    its 'samples' are its training cases mirrored left-right (a flip of voxel axis 0 of the RAS
+    cache, image and brain) plus small noise (sigma 0.02). With `audit.mirror` (the default) each is
+    flagged with the copied case as nearest, in both spaces, through its mirrored form; without it
+    none is (the same grid sees another patient)."""
+    reference = volumes(root, cases(root, "A", "target", "source"))
+    mirrored = [noisy_copy(AuditVolume(v.case_id, np.flip(v.image, axis=1), np.flip(v.brain, axis=0)),
+                           f"SYN-M-{i}", 0.02, i) for i, v in enumerate(reference)]
+    copied = [v.case_id for v in reference]
+    on = audit_volumes(mirrored, reference)
+    assert on.flagged_ids == [v.case_id for v in mirrored]
+    assert [s.nearest_case for s in on.samples] == copied and all(s.nearest_mirrored for s in on.samples)
+    assert [s.feature_nearest_case for s in on.samples] == copied
+    assert all(s.feature_nearest_mirrored for s in on.samples)
+    off = audit_volumes(mirrored, reference, {**_defaults(), "mirror": False})
+    assert off.flagged_ids == [] and not any(s.nearest_mirrored or s.feature_nearest_mirrored for s in off.samples)
+    assert min(s.ratio for s in off.samples) > 0.5 > max(s.ratio for s in on.samples)
+
+
+def test_mirror_is_across_the_brain_mid_plane_and_its_own_mirror_never_sets_the_typical_distance():
+    """The mirror keeps an off-centre brain in place (x -> lo + hi - x), undoes itself, and a case's
+    own mirror is left out of its leave-one-out distance: with perfectly symmetric cases it would be
+    0 (typical distance 0, every ratio infinite)."""
+    rng = np.random.default_rng(0)
+    brain = np.zeros((10, 6, 6), np.uint8)
+    brain[1:6, 1:5, 1:5] = 1  # lo 1, hi 5 along the left-right axis: mirror x -> 6 - x
+    image = rng.random((2, 10, 6, 6)) * brain
+    m = mirror_volume(AuditVolume("a", image, brain))
+    assert np.array_equal(m.brain, brain) and np.array_equal(m.image[:, 1:6], image[:, 5:0:-1])
+    assert np.array_equal(mirror_volume(m).image, image) and m.case_id == "a~mirrored"
+
+    sym = [AuditVolume(f"s{i}", (x + x[:, ::-1]) * (brain + brain[::-1] > 0), brain + brain[::-1])
+           for i, x in enumerate(rng.random((3, 2, 10, 6, 6)))]  # symmetric about the grid's middle
+    assert image_distances([sym[0]], [mirror_volume(sym[0])])[0, 0] == pytest.approx(0.0, abs=1e-12)
+    result = audit_volumes([], sym, {**_defaults(), "features": False})
+    # The own forms are not computed at all, so they take none of the shift search's places either.
+    own = np.tile(np.eye(3, dtype=bool), (1, 2))
+    d = image_distances(sym, [*sym, *(mirror_volume(v) for v in sym)], max_shift=1, exclude=own)
+    assert np.isinf(d[own]).all()
+    expected = [min(d[i, j] for j in range(6) if j % 3 != i) for i in range(3)]
+    assert result.real_nn_distance == pytest.approx(expected, abs=1e-12) and min(expected) > 0.1
 
 
 # ----------------------------------------------------------------------------------- the measure
@@ -151,14 +197,15 @@ def test_image_distance_is_1_minus_ncc_inside_the_shared_brain():
 
 def _defaults() -> dict[str, Any]:
     return {"enabled": True, "threshold": 0.5, "reference": ["target", "source"], "max_shift": 1,
-            "features": True, "flag_on": "image", "exclude_flagged": True}
+            "mirror": True, "features": True, "flag_on": "image", "exclude_flagged": True}
 
 
 def test_settings_validation_names_the_key():
     assert AuditSettings.from_mapping(compose(["experiment=tiny"]).audit) == AuditSettings()
     for bad, key in (({"threshold": 0}, "audit.threshold"), ({"reference": ["test"]}, "audit.reference"),
                      ({"flag_on": "features", "features": False}, "audit.flag_on"),
-                     ({"max_shift": -1}, "audit.max_shift"), ({"colour": 1}, "audit.colour")):
+                     ({"max_shift": -1}, "audit.max_shift"), ({"mirror": "yes"}, "audit.mirror"),
+                     ({"colour": 1}, "audit.colour")):
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             AuditSettings.from_mapping({**_defaults(), **bad})
     with pytest.raises(ValueError, match=">= 2 real reference cases"):
@@ -202,8 +249,9 @@ def test_audit_files_resume_and_evaluation_leaves_flagged_volumes_out(root):
     doc = json.loads((out / AUDIT_JSON).read_text())
     assert doc["flagged"] == copies and len(doc["samples"]) == 4
     assert [s["nearest_case"] for s in doc["samples"][:2]] == cases(root, "A", "target")
+    assert [s["nearest_mirrored"] for s in doc["samples"][:2]] == [False, False]  # unmirrored copies
     rows = (out / AUDIT_CSV).read_text().splitlines()
-    assert rows[0].startswith("synth_id,nearest_case,distance,ratio") and len(rows) == 5
+    assert rows[0].startswith("synth_id,nearest_case,distance,ratio,nearest_mirrored") and len(rows) == 5
     assert [r.rsplit(",", 1)[1] for r in rows[1:]] == ["1", "1", "0", "0"]
 
     # Unchanged inputs: read back, not recomputed; other settings: recomputed.
@@ -212,6 +260,8 @@ def test_audit_files_resume_and_evaluation_leaves_flagged_volumes_out(root):
     stricter = audit_site(site_cfg(root, "site=A", "audit.threshold=0.001"), progress=False)
     assert not stricter.reused and stricter.flagged_ids == []
     assert read_audit(out).settings.threshold == 0.001
+    no_mirror = audit_site(site_cfg(root, "site=A", "audit.mirror=false"), progress=False)
+    assert not no_mirror.reused and not read_audit(out).settings.mirror and no_mirror.flagged_ids == copies
 
     # Evaluation audits the folder (back at the default settings) and trains without the copies.
     evaluation = evaluate_site(cfg, progress=False)
