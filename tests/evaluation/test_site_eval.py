@@ -45,8 +45,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def overrides(root: Path, *extra: str) -> list[str]:
+    # The stand-in synthetic volumes (`fake_synthesis`) ARE mirrored real cases, which the audit rightly
+    # flags (`audit.mirror`); these tests are about the regimes, so flagged volumes stay in training.
     return ["experiment=tiny", "device=cpu", f"paths.cohort={root / 'cohort'}", f"paths.cache={root / 'cache'}",
-            f"paths.runs={root / 'runs'}", *TINY_CLASSIFIER, *extra]
+            f"paths.runs={root / 'runs'}", "audit.exclude_flagged=false", *TINY_CLASSIFIER, *extra]
 
 
 def site_cfg(root: Path, *extra: str) -> Any:
