@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from aldm_fed.checkpoints import plain_config
+from aldm_fed.evaluation.metrics import set_metric_pattern
 from aldm_fed.evaluation.tasks import CaseItem, check_no_leakage, check_real_test_items, training_groups
 from aldm_fed.io import atomic_write_json
 from aldm_fed.models.segmenter import NORMS, SegmenterNetwork, build_segmenter
@@ -599,6 +600,4 @@ def metric_key_pattern(set_names: Sequence[str]) -> str:
     Args:
         set_names: the synthetic sets' fixed names (e.g. ("aldm", "noadapt", "concat", "gan")).
     """
-    names = [re.escape(n) for n in set_names]
-    sets = rf"|({'|'.join(names)})\.({'|'.join(SET_NUMBERS)})" if names else ""
-    return rf"faithfulness\.(n_train|{REAL}\.({'|'.join(REAL_NUMBERS)}){sets})"
+    return set_metric_pattern("faithfulness", rf"n_train|{REAL}\.({'|'.join(REAL_NUMBERS)})", set_names, SET_NUMBERS)

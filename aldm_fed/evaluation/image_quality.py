@@ -23,12 +23,17 @@ The numbers carry fixed names only (`quality.<set>.<metric>`, `quality.<set>.n`,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from aldm_fed.evaluation.metrics import FD_2D_NAME, FD_3D_NAME, image_quality_metrics, ms_ssim_diversity
+from aldm_fed.evaluation.metrics import (
+    FD_2D_NAME,
+    FD_3D_NAME,
+    image_quality_metrics,
+    ms_ssim_diversity,
+    set_metric_pattern,
+)
 from aldm_fed.evaluation.tasks import CaseItem
 
 __all__ = ["MIN_SIZE", "QUALITY_NUMBERS", "REAL", "REAL_NUMBERS", "host_of", "metric_key_pattern",
@@ -126,6 +131,4 @@ def metric_key_pattern(set_names: Sequence[str]) -> str:
     Args:
         set_names: the synthetic sets' fixed names (e.g. ("aldm", "noadapt", "concat", "gan")).
     """
-    names = [re.escape(n) for n in set_names]
-    sets = rf"|({'|'.join(names)})\.({'|'.join(map(re.escape, QUALITY_NUMBERS))})" if names else ""
-    return rf"{PREFIX}\.({REAL}\.({'|'.join(REAL_NUMBERS)}){sets})"
+    return set_metric_pattern(PREFIX, rf"{REAL}\.({'|'.join(REAL_NUMBERS)})", set_names, QUALITY_NUMBERS)

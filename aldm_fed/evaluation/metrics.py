@@ -27,6 +27,8 @@ only with other `fd_rand_*` values, never with published FIDs. The names say so.
 
 from __future__ import annotations
 
+import re
+
 import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +44,7 @@ from torch import nn
 
 __all__ = [
     "CLASSIFICATION_METRICS",
+    "set_metric_pattern",
     "FD_2D_NAME",
     "FD_3D_NAME",
     "FeatureNetSpec",
@@ -754,3 +757,19 @@ def image_quality_metrics(
     out[FD_2D_NAME] = frechet_distance_2d(real, synthetic, min_brain_fraction=min_brain_fraction, seed=seed)
     out[FD_3D_NAME] = frechet_distance_3d(real, synthetic, seed=seed)
     return out
+
+
+def set_metric_pattern(prefix: str, fixed: str, set_names: Sequence[str], set_numbers: Sequence[str]) -> str:
+    """A regular expression (for `re.fullmatch`) accepting `<prefix>.<fixed>` and
+    `<prefix>.<set>.<number>` for the given synthetic sets and numbers, and nothing else: the
+    shareable names of an evaluation section (faithfulness, image quality).
+
+    Args:
+        prefix: the section, e.g. "quality".
+        fixed: a regular expression of the section's names that belong to no synthetic set.
+        set_names: the synthetic sets' fixed names (e.g. ("aldm", "noadapt", "concat", "gan")).
+        set_numbers: the numbers each set has.
+    """
+    names = [re.escape(n) for n in set_names]
+    sets = rf"|({'|'.join(names)})\.({'|'.join(map(re.escape, set_numbers))})" if names else ""
+    return rf"{re.escape(prefix)}\.({fixed}{sets})"
