@@ -47,7 +47,10 @@ def site_cpus(total: int, n_sites: int, setting: float | None) -> float:
         setting: the config value; a number is used as it is (checked positive).
     """
     if setting is not None:
-        value = float(setting)
+        try:
+            value = float(setting)
+        except (TypeError, ValueError):
+            raise ValueError(f"fed.simulation.cpus_per_site must be a number or null, got {setting!r}") from None
         if value <= 0 or (value > 1 and not value.is_integer()):
             raise ValueError(f"fed.simulation.cpus_per_site must be a fraction in (0, 1], a whole number "
                              f"(Ray's rule) or null, got {setting}")

@@ -94,7 +94,7 @@ def resolve_device(spec: str = "auto", precision: str = "auto", channels_last: s
     Args:
         spec: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
         precision: "auto", "fp32", "bf16" or "fp16". An explicit value overrides "auto"'s choice.
-        channels_last: "auto" (on CPU, where channels_last_3d measured 8-13 % faster per training
+        channels_last: "auto" (on CPU, where channels_last_3d measured 8-18 % faster per training
             step at 64^3, `benchmarks/speedups.py`; off on CUDA, not measured there), "true" or
             "false" (the default of callers that do not train the 3D generative networks).
 

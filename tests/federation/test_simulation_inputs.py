@@ -29,6 +29,6 @@ def test_sites_share_the_cores_so_that_all_run_at_once() -> None:
             assert int(total / share) >= min(n, total * 100), (total, n, share)
     assert site_cpus(2, 3, None) == 0.66 and site_cpus(2, 1, None) == 2.0 and site_cpus(8, 3, None) == 2.0
     assert site_cpus(2, 3, 1) == 1.0  # a number pins it (at most two sites at once on 2 cores)
-    for bad in (0, -1, 1.5):
+    for bad in (0, -1, 1.5, "abc"):
         with pytest.raises(ValueError, match="cpus_per_site"):
             site_cpus(2, 3, bad)
