@@ -114,6 +114,7 @@ def control(root: Path) -> SynthesisSummary:
 def test_samples_of_an_overfit_model_are_flagged_as_copies_of_their_training_case(overfit: Any):
     audit = overfit.audit
     assert audit is not None and len(audit.samples) == 4
+    print(f"overfit model: image ratios {[round(r, 3) for r in ratios(overfit)]}")  # shown with pytest -s
     targets = sorted(set(mask_cases(overfit)))
     assert len(targets) == 2 and set(targets) < set(audit.reference_cases)  # target + source cases
     # Every sample is flagged, and its nearest real case is the training case it was conditioned on.
@@ -125,6 +126,7 @@ def test_samples_of_an_overfit_model_are_flagged_as_copies_of_their_training_cas
 
 def test_the_same_pipeline_barely_trained_is_not_flagged(overfit: Any, control: Any):
     assert control.audit is not None and control.audit.flagged_ids == [], f"ratios {ratios(control)}"
+    print(f"barely trained control: image ratios {[round(r, 3) for r in ratios(control)]}")  # pytest -s
     # Same cohort, masks, noise and audit: only the diffusion training budget differs.
     assert control.audit.reference_cases == overfit.audit.reference_cases
     assert mask_cases(control) == mask_cases(overfit)
