@@ -1,5 +1,6 @@
-"""The federation's own cost per round, at full and half precision: `aldm-fed simulate` once per
-`fed.transfer_dtype`, same cohort, same seed, separate run folders.
+"""The federation's own cost per round, at full and half precision and under secure aggregation:
+`aldm-fed simulate` once per `fed.transfer_dtype` (and, with `--secagg`, once more at float32 with
+`fed.privacy.secagg.enabled=true`), same cohort, same seed, separate run folders.
 
 For each run it reads the server's `rounds.jsonl` (each round's "cost": wall time at the server,
 each site's compute-seconds, weight bytes sent to and received from each site; see
@@ -9,7 +10,8 @@ docs/contracts.md) and prints, per FedAvg phase, the means over rounds of
   overhead fraction = (wall - max compute) / wall: process and message handling, casting,
   signing, serialisation, transfer, checks and aggregation;
 - bytes sent / received per site per round (`ArrayRecord.count_bytes`: the arrays' payload with
-  NumPy headers and key names), the shared parameters' size at float32, and the ratio of each
+  NumPy headers and key names; under SecAgg+ also its keys, encrypted shares and the int64 masked
+  update, over its four stages), the shared parameters' size at float32, and the ratio of each
   run's bytes to the first run's (float32);
 
 and the final quality figures the run reports, to show that the cheaper transfer did not cost
@@ -19,6 +21,7 @@ difference of the global VAE and backbone weights from the first run's. Writes e
 
     python benchmarks/federation.py --workdir /tmp/bench-fed --out bench-federation.json     # tiny: ~2 x 2 min
     python benchmarks/federation.py --experiment demo --workdir /tmp/bench-fed-demo           # LONG: ~2 x 30 min
+    python benchmarks/federation.py --dtypes float32 --secagg --workdir /tmp/bench-fed        # plain vs SecAgg+
 
 Extra arguments are config overrides for both runs (e.g. `fed.phases.vae.rounds=3`). The run
 folders `<workdir>/runs/bench-fed-<dtype>` are the benchmark's own and are replaced on each call;
@@ -56,14 +59,18 @@ def _aldm_fed() -> str:
     return found
 
 
-def run_simulation(workdir: Path, experiment: str, dtype: str, overrides: list[str]) -> dict[str, Any]:
-    """One `aldm-fed simulate` with `fed.transfer_dtype=dtype`; its folders and wall time."""
-    name = f"bench-fed-{dtype}"
+def run_simulation(
+    workdir: Path, experiment: str, dtype: str, overrides: list[str], secure: bool = False
+) -> dict[str, Any]:
+    """One `aldm-fed simulate` with `fed.transfer_dtype=dtype` (and SecAgg+ if `secure`); its
+    folders and wall time."""
+    name = f"bench-fed-{dtype}" + ("-secagg" if secure else "")
     run_dir = workdir / "runs" / name
     if run_dir.exists():  # the benchmark's own folder: a resumed run would train nothing
         shutil.rmtree(run_dir)
     cmd = [_aldm_fed(), "simulate", f"experiment={experiment}", f"run_name={name}",
-           f"paths.cohort={workdir / 'cohort'}", f"fed.transfer_dtype={dtype}", *overrides]
+           f"paths.cohort={workdir / 'cohort'}", f"fed.transfer_dtype={dtype}",
+           *(["fed.privacy.secagg.enabled=true"] if secure else []), *overrides]
     print("$", " ".join(cmd), flush=True)
     t0 = time.monotonic()
     done = subprocess.run(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -73,7 +80,8 @@ def run_simulation(workdir: Path, experiment: str, dtype: str, overrides: list[s
     if done.returncode != 0:
         raise SystemExit(f"{name} failed (exit {done.returncode}); log: {workdir / f'{name}.log'}\n"
                          + "\n".join(done.stdout.splitlines()[-20:]))
-    return {"dtype": dtype, "run": name, "run_dir": run_dir, "seconds": seconds}
+    label = f"{dtype} + SecAgg+" if secure else dtype
+    return {"dtype": label, "run": name, "run_dir": run_dir, "seconds": seconds}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--experiment", default="tiny", help="tiny (minutes) or demo (LONG: ~30 min per run on 2 cores)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=sorted(TRANSFER_DTYPES),
                     help="transfer dtypes, one run each; the first is the reference")
+    ap.add_argument("--secagg", action="store_true",
+                    help="one more run at float32 with secure aggregation (fed.privacy.secagg.enabled=true)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-federation"),
                     help="folder of the cohort and the runs (made if missing)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the results")
@@ -171,6 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         subprocess.run([_aldm_fed(), "data", "phantom", "--out", str(workdir / "cohort"),
                         f"experiment={args.experiment}"], cwd=workdir, check=True)
     runs = [run_simulation(workdir, args.experiment, dtype, list(args.overrides)) for dtype in args.dtypes]
+    if args.secagg:
+        runs.append(run_simulation(workdir, args.experiment, "float32", list(args.overrides), secure=True))
     results = [measure(run) for run in runs]
     for run, result in zip(runs[1:], results[1:], strict=True):
         result["weight_diff"] = weight_difference(run["run_dir"], runs[0]["run_dir"])

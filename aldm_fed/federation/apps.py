@@ -27,12 +27,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from aldm_fed.config import unflatten_config
 from aldm_fed.federation import site as site_fn
+from aldm_fed.federation.secure import secure_aggregation_mod
 from aldm_fed.federation.sharing import allow_list_mod, audit_mod
 from aldm_fed.federation.signing import Verifier, open_global, signing_paths
 from aldm_fed.log import configure_logging
 from aldm_fed.training.device import configure_threads
 
-__all__ = ["OUTGOING_LOG", "Mod", "client_app", "server_app", "site_of", "verifier_of"]
+__all__ = ["OUTGOING_LOG", "Mod", "client_app", "server_app", "site_mods", "site_of", "verifier_of"]
 
 OUTGOING_LOG = "outgoing.jsonl"  # in the site's state folder: everything the site sent
 
@@ -131,9 +132,21 @@ def _handle(cfg: Any, msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def site_mods(log_path: Callable[[Context], Path]) -> list[Mod]:
+    """The mods every site's ClientApp runs, outermost first: the audit log of what left
+    (`sharing.audit_mod`), the allow-list (`sharing.allow_list_mod`), and Flower's SecAgg+ for
+    messages of that protocol (`secure.secure_aggregation_mod`). Audit and allow-list see each
+    reply as it leaves: under secure aggregation, the masked update, never the plain one.
+
+    Args:
+        log_path: the site's `outgoing.jsonl` for a context.
+    """
+    return [audit_mod(log_path), allow_list_mod, secure_aggregation_mod]
+
+
 def client_app(cfg: Any | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp of a site: every reply passes the allow-list (`sharing.allow_list_mod`), then
-    goes into the site's audit log (`<state>/outgoing.jsonl`, `sharing.audit_mod`).
+    goes into the site's audit log (`<state>/outgoing.jsonl`, `sharing.audit_mod`); `site_mods`.
 
     Args:
         cfg: the composed config; None = rebuild it from the run config (deployment).
@@ -146,7 +159,7 @@ def client_app(cfg: Any | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp
     def log_path(context: Context) -> Path:
         return site_of(config_of(context), context).state / OUTGOING_LOG
 
-    app = ClientApp(mods=[*mods, audit_mod(log_path), allow_list_mod])
+    app = ClientApp(mods=[*mods, *site_mods(log_path)])
 
     def handler(msg: Message, context: Context) -> Message:
         return _handle(config_of(context), msg, context)

@@ -46,6 +46,7 @@ from aldm_fed.federation.compatibility import encode_shapes, model_shapes, shape
 from aldm_fed.federation.global_models import ServerState, backbone_meta, initial_weights, vae_meta
 from aldm_fed.federation.privacy import CentralDP, PrivacySettings, releases_before, run_privacy
 from aldm_fed.federation.records import from_array_record, to_array_record, transfer_dtype
+from aldm_fed.federation.secure import SecureFedAvg
 from aldm_fed.federation.sharing import PROTOCOL, SharingError, check_reply
 from aldm_fed.federation.signing import Signer, server_signer, sign_content
 from aldm_fed.federation.strategy import FederationError, PhaseFedAvg, TrafficMeter, replies_by_node
@@ -116,7 +117,8 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
         if not source:
             raise FederationError(f"no connected site holds source cases ({[s.name for s in sites.values()]})")
         mark(phase="vae", sites=sorted(s.name for s in sites.values()), privacy=run_privacy(cfg, len(source)))
-        vae_ckpt = _fedavg_phase(grid, cfg, state, "vae", source, extra={}, signer=signer)
+        examples = {n: s.n_source for n, s in sites.items()}  # SecAgg+ weighs sites by their source cases
+        vae_ckpt = _fedavg_phase(grid, cfg, state, "vae", source, extra={}, signer=signer, examples=examples)
         mark(phase="scale", cost=cost_summary(state.rounds()))
         scale_ckpt = _scale_phase(grid, cfg, state, sites, vae_ckpt, signer)
         mark(phase="backbone")
@@ -124,7 +126,7 @@ def run_federation(grid: Grid, cfg: Any) -> dict[str, Any]:
             grid, cfg, state, "backbone", source,
             extra={"scale-factor": float(scale_ckpt.meta["scale_factor"]),
                    "scale-sha256": checkpoint_identity(scale_ckpt)["sha256"]},
-            vae_ckpt=vae_ckpt, scale_ckpt=scale_ckpt, signer=signer,
+            vae_ckpt=vae_ckpt, scale_ckpt=scale_ckpt, signer=signer, examples=examples,
         )
         mark(phase="local", cost=cost_summary(state.rounds()))
         results = _local_phase(grid, cfg, state, sites, vae_ckpt, bb_ckpt, signer)
@@ -250,8 +252,12 @@ def _fedavg_phase(
     vae_ckpt: Checkpoint | None = None,
     scale_ckpt: Checkpoint | None = None,
     signer: Signer | None = None,
+    examples: Mapping[int, int] | None = None,
 ) -> Checkpoint:
     """FedAvg rounds of `phase`, resumed from the last round; then the global `final/`.
+
+    With `fed.privacy.secagg.enabled` the rounds run under SecAgg+ (`secure.SecureFedAvg`,
+    weighing each site by `examples`), else as `PhaseFedAvg` (inside central DP if that is on).
 
     A `final/` is current when it has the configured number of rounds on the same inputs (the
     backbone: the same global VAE and scale factor). Raising `rounds` continues from the last
@@ -261,7 +267,8 @@ def _fedavg_phase(
     rounds, local_steps = int(settings.rounds), int(settings.local_steps)
     inputs = ({} if phase == "vae" else
               {"vae": checkpoint_identity(vae_ckpt), "scale": checkpoint_identity(scale_ckpt)})
-    dp = PrivacySettings.from_config(cfg).dp
+    privacy = PrivacySettings.from_config(cfg)
+    dp = privacy.dp
     if dp.enabled:  # other DP settings start the phase over (its epsilon assumes one setting)
         inputs["privacy"] = {"dp": dataclasses.asdict(dp)}
     final = state.layout.final(phase)
@@ -282,7 +289,7 @@ def _fedavg_phase(
         log.info("[%s] resuming after round %d of %d", phase, done, rounds)
 
     meter = TrafficMeter(grid)  # weight bytes per site, counted as they cross the grid
-    inner: list[PhaseFedAvg] = []  # the FedAvg strategy (inside central DP, if on): its round cost
+    inner: list[Any] = []  # the FedAvg strategy (inside central DP, if on): its round cost
 
     def on_round(rnd: int, arrays: Any, metrics: Any, used: list[str]) -> None:
         cost = inner[0].round_cost() if inner else {}
@@ -294,7 +301,18 @@ def _fedavg_phase(
                      cost["transfer_dtype"], max((s.get("bytes_sent", 0) for s in cost["sites"].values()), default=0),
                      cost["params_bytes_fp32"])
 
-    if done < rounds:
+    if done < rounds and privacy.secagg.enabled:
+        initial = to_array_record(groups)
+        inner.append(SecureFedAvg(
+            phase, nodes, examples or {}, settings=privacy.secagg,
+            expected={k: tuple(a.shape) for k, a in initial.items()}, on_round=on_round, round_offset=done,
+            min_replies=int(cfg.fed.min_replies), signer=signer, transfer_dtype=transfer_dtype(cfg), meter=meter,
+        ))
+        inner[0].start(grid=meter, initial_arrays=initial, num_rounds=rounds - done,
+                       timeout=float(cfg.fed.round_timeout_s),
+                       train_config=ConfigRecord({"local-steps": local_steps, **extra}))
+        _, last = state.last_round(phase, inputs)
+    elif done < rounds:
         initial = to_array_record(groups)
         def build(callback: Any) -> PhaseFedAvg:
             inner.append(PhaseFedAvg(

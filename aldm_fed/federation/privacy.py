@@ -1,5 +1,5 @@
 """Privacy options of the shared phases (vae, backbone): central differential privacy, and the
-SecAgg+ setting (refused in this version, see `SECAGG_UNSUPPORTED`).
+settings of secure aggregation (`SecAggSettings`; the protocol itself runs in `secure`).
 
 Central DP (`fed.privacy.dp`) follows Flower's server-side fixed clipping
 (`flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping`; McMahan et al. 2018): each
@@ -50,7 +50,6 @@ from flwr.supercore.differential_privacy import (
 )
 
 __all__ = [
-    "SECAGG_UNSUPPORTED",
     "CentralDP",
     "DPSettings",
     "PrivacySettings",
@@ -64,17 +63,6 @@ log = logging.getLogger(__name__)
 
 # (global round, aggregated arrays, aggregated metrics, sites averaged): `strategy.RoundCallback`
 RoundCallback = Callable[[int, ArrayRecord, MetricRecord, list[str]], None]
-
-SECAGG_UNSUPPORTED = (
-    "fed.privacy.secagg.enabled=true is not supported with Flower 1.42: its SecAgg+ exists only on "
-    "the legacy path (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py requires a "
-    "LegacyContext with a legacy Strategy and ClientManager, and the client's secaggplus_mod "
-    "(flwr/client/mod/secure_aggregation/secaggplus_mod.py) rejects any TRAIN message without its "
-    "'secaggplus' record and reads the reply as a legacy FitRes of unnamed arrays), while the vae and "
-    "backbone phases are Message-API rounds with named, allow-listed parameter groups. Set it to "
-    "false; central DP (fed.privacy.dp) works"
-)
-
 
 @dataclass(frozen=True)
 class DPSettings:
@@ -95,19 +83,62 @@ class DPSettings:
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    """Secure aggregation (`fed.privacy.secagg`); validated, then refused (`SECAGG_UNSUPPORTED`).
+    """Secure aggregation with Flower's SecAgg+ (`fed.privacy.secagg`; the protocol: `secure`).
+
+    Each site masks its update so that the server learns only the weighted mean of the updates
+    of the sites that finished the round. Names and rules are Flower's `SecAggPlusWorkflow`'s.
 
     Args:
-        enabled: must be false in this version.
-        num_shares: shares of each site's secret (SecAgg+ `num_shares`).
-        reconstruction_threshold: shares needed to rebuild one (`reconstruction_threshold`).
-        clipping_range: values are clipped to +-this before quantisation.
+        enabled: run the vae and backbone rounds with SecAgg+ (needs >= 2 sites per phase).
+        num_shares: shares of each site's secret; a float is a fraction of the round's sites,
+            an int must be > 2.
+        reconstruction_threshold: shares needed to rebuild a secret (a float: a fraction of
+            `num_shares`); higher is more private, lower survives more dropped sites.
+        clipping_range: each value of a site's (weighted) update is clipped to +-this before
+            quantisation; the update of one round is far smaller than this.
+        quantization_range: quantisation levels over [-clipping_range, clipping_range]: the step
+            is 2 x clipping_range / quantization_range (3.8e-6 at the defaults). The masked sum
+            lives modulo 2**32, so sites x quantization_range must stay below 2**32.
     """
 
     enabled: bool = False
     num_shares: int | float = 1.0
     reconstruction_threshold: int | float = 1.0
     clipping_range: float = 8.0
+    quantization_range: int = 4194304
+
+    def check(self) -> None:
+        """Flower's rules for these options, named by option (Flower's own errors name none).
+
+        Raises:
+            ValueError: an option out of range.
+        """
+        def bad(option: str, why: str) -> ValueError:
+            return ValueError(f"fed.privacy.secagg.{option}: {why}")
+
+        numeric = (int, float)
+        if isinstance(self.num_shares, bool) or not isinstance(self.num_shares, numeric):
+            raise bad("num_shares", f"a number is needed, got {self.num_shares!r}")
+        if isinstance(self.num_shares, int) and self.num_shares != 1 and self.num_shares <= 2:
+            raise bad("num_shares", f"an integer must be > 2 (a float is a fraction of the sites), got {self.num_shares}")
+        if isinstance(self.num_shares, float) and not self.num_shares > 0:
+            raise bad("num_shares", f"a fraction must be > 0, got {self.num_shares}")
+        threshold = self.reconstruction_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numeric):
+            raise bad("reconstruction_threshold", f"a number is needed, got {threshold!r}")
+        if isinstance(threshold, float) and not 0 < threshold <= 1:
+            raise bad("reconstruction_threshold", f"a fraction must be in (0, 1], got {threshold}")
+        if isinstance(threshold, int) and threshold != 1 and isinstance(self.num_shares, int) \
+                and threshold >= self.num_shares:
+            raise bad("reconstruction_threshold", f"{threshold} must be below num_shares={self.num_shares}")
+        if not (math.isfinite(self.clipping_range) and self.clipping_range > 0):
+            raise bad("clipping_range", f"must be > 0, got {self.clipping_range}")
+        if isinstance(self.quantization_range, bool) or not isinstance(self.quantization_range, int) \
+                or not 0 < self.quantization_range < MODULUS_RANGE:
+            raise bad("quantization_range", f"an integer in (0, 2**32) is needed, got {self.quantization_range!r}")
+
+
+MODULUS_RANGE = 2**32  # SecAgg+'s modulus (Flower's default and its maximum): masked sums wrap at it
 
 
 @dataclass(frozen=True)
@@ -122,7 +153,8 @@ class PrivacySettings:
         """Read and check `cfg.fed.privacy` (absent: both off).
 
         Raises:
-            ValueError: an unknown key, a value out of range (naming the option), or secagg enabled.
+            ValueError: an unknown key, a value out of range (naming the option), or options that
+                cannot go together.
         """
         block = _plain(cfg.fed.get("privacy")) or {}
         dp = _section(block, "dp", DPSettings)
@@ -136,15 +168,19 @@ class PrivacySettings:
             raise ValueError(f"fed.privacy.dp.clipping_norm must be > 0, got {dp.clipping_norm}")
         if not 0 < dp.delta < 1:
             raise ValueError(f"fed.privacy.dp.delta must be in (0, 1), got {dp.delta}")
-        if not secagg.clipping_range > 0:
-            raise ValueError(f"fed.privacy.secagg.clipping_range must be > 0, got {secagg.clipping_range}")
+        secagg.check()
         aggregation = str(cfg.fed.get("aggregation") or "fedavg")
         if dp.enabled and aggregation != "fedavg":
             # The noise is calibrated to the mean of clipped updates (sensitivity C/n); a median or
             # trimmed mean has another sensitivity, so the reported epsilon would be wrong.
             raise ValueError(f"fed.privacy.dp.enabled=true needs fed.aggregation=fedavg, got {aggregation!r}")
-        if secagg.enabled:
-            raise ValueError(SECAGG_UNSUPPORTED)
+        if secagg.enabled and dp.enabled:
+            raise ValueError("fed.privacy.secagg.enabled=true cannot be combined with fed.privacy.dp.enabled=true: "
+                             "central DP clips each site's update at the server, which under secure aggregation "
+                             "sees only their sum; choose one")
+        if secagg.enabled and aggregation != "fedavg":
+            raise ValueError(f"fed.privacy.secagg.enabled=true needs fed.aggregation=fedavg, got {aggregation!r}: "
+                             f"a median or trimmed mean needs every site's update, and the server sees only their sum")
         return cls(dp, secagg)
 
     def describe(self) -> dict[str, Any]:

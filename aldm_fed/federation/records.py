@@ -32,6 +32,7 @@ __all__ = [
     "params_nbytes",
     "to_array_record",
     "transfer_dtype",
+    "update_order",
 ]
 
 TRANSFER_DTYPES: dict[str, torch.dtype] = {
@@ -149,6 +150,12 @@ def from_array_record(
         if missing or extra:
             raise ValueError(f"parameter groups {sorted(out)} received; expected {sorted(wanted)}")
     return out
+
+
+def update_order(record: ArrayRecord) -> list[str]:
+    """The keys of `record` in the order its arrays travel as an unnamed list (a SecAgg+ vector):
+    sorted, so that server and site agree whatever order a transport keeps."""
+    return sorted(record)
 
 
 def params_nbytes(record: ArrayRecord) -> int:

@@ -40,10 +40,11 @@ from aldm_fed.federation.aggregation import (
     update_norms,
 )
 from aldm_fed.federation.records import from_array_record, params_nbytes, to_array_record
-from aldm_fed.federation.sharing import SharingError, check_reply
+from aldm_fed.federation.sharing import SECURE_RECORD, SharingError, check_reply
 from aldm_fed.federation.signing import Signer, sign_content
 
-__all__ = ["COMPUTE_METRIC", "FederationError", "PhaseFedAvg", "RoundCallback", "TrafficMeter", "replies_by_node"]
+__all__ = ["COMPUTE_METRIC", "FederationError", "PhaseFedAvg", "RoundCallback", "TrafficMeter", "replies_by_node",
+           "round_cost"]
 
 COMPUTE_METRIC = "compute-seconds"  # a reply's seconds inside the site's training function
 
@@ -162,29 +163,8 @@ class PhaseFedAvg(FedAvg):
         return arrays, metrics
 
     def round_cost(self) -> dict[str, Any]:
-        """The current round's cost (the names of `rounds.jsonl`'s "cost"; docs/contracts.md).
-
-        wall_s runs from `configure_train` (cast, sign, send) to now (replies checked, decoded and
-        aggregated); per site, the bytes of weights sent to it and received from it and the
-        compute-seconds it reported; overhead_s = wall_s - the largest compute_s, and its fraction
-        of wall_s. Sites that did not reply have no compute_s.
-        """
-        wall = time.monotonic() - self._started
-        sites: dict[str, dict[str, Any]] = {}
-        traffic = self.meter.snapshot() if self.meter is not None else {}
-        for node, name in sorted(self.nodes.items(), key=lambda kv: kv[1]):
-            sites[name] = {k: v for k, v in traffic.get(node, {}).items() if v is not None}
-        computes = [s["compute_s"] for s in sites.values() if "compute_s" in s]
-        slowest = max(computes) if computes else 0.0
-        return {
-            "wall_s": round(wall, 3),
-            "max_compute_s": round(slowest, 3),
-            "overhead_s": round(wall - slowest, 3),
-            "overhead_fraction": round((wall - slowest) / wall, 4) if wall > 0 else None,
-            "transfer_dtype": self.transfer_dtype,
-            "params_bytes_fp32": self._params_nbytes,
-            "sites": sites,
-        }
+        """The current round's cost (`round_cost`)."""
+        return round_cost(self._started, self.nodes, self.meter, self.transfer_dtype, self._params_nbytes)
 
     def _site(self, msg: Message) -> str:
         return self.nodes.get(msg.metadata.src_node_id, f"node {msg.metadata.src_node_id}")
@@ -230,6 +210,41 @@ class PhaseFedAvg(FedAvg):
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
+def round_cost(
+    started: float, nodes: Mapping[int, str], meter: TrafficMeter | None, transfer_dtype: str, params_nbytes: int
+) -> dict[str, Any]:
+    """A round's cost (the names of `rounds.jsonl`'s "cost"; docs/contracts.md).
+
+    wall_s runs from `started` (the round's first cast, sign and send; `time.monotonic`) to now
+    (replies checked, decoded and aggregated); per site, the bytes of weights sent to it and
+    received from it and the compute-seconds it reported; overhead_s = wall_s - the largest
+    compute_s, and its fraction of wall_s. Sites that did not reply have no compute_s.
+
+    Args:
+        started: when the round started.
+        nodes: node id -> site name, the round's sites.
+        meter: the grid's `TrafficMeter` (None: no per-site figures).
+        transfer_dtype: the wire dtype of the global weights.
+        params_nbytes: the shared parameters' size at float32 (`records.params_nbytes`).
+    """
+    wall = time.monotonic() - started
+    sites: dict[str, dict[str, Any]] = {}
+    traffic = meter.snapshot() if meter is not None else {}
+    for node, name in sorted(nodes.items(), key=lambda kv: kv[1]):
+        sites[name] = {k: v for k, v in traffic.get(node, {}).items() if v is not None}
+    computes = [s["compute_s"] for s in sites.values() if "compute_s" in s]
+    slowest = max(computes) if computes else 0.0
+    return {
+        "wall_s": round(wall, 3),
+        "max_compute_s": round(slowest, 3),
+        "overhead_s": round(wall - slowest, 3),
+        "overhead_fraction": round((wall - slowest) / wall, 4) if wall > 0 else None,
+        "transfer_dtype": transfer_dtype,
+        "params_bytes_fp32": params_nbytes,
+        "sites": sites,
+    }
+
+
 def _to_float32(content: RecordDict, key: str) -> None:
     """Cast a checked reply's weights back to float32 in place (a no-op for float32 replies)."""
     record = content[key]
@@ -243,7 +258,9 @@ class TrafficMeter:
     Every call goes to the wrapped grid; `send_and_receive` also records, per destination node,
     the bytes of the weights sent (`ArrayRecord.count_bytes` of "arrays") and, per reply, the
     bytes of the weights received and its `compute-seconds`, before any strategy touches the
-    replies (central DP rewrites them in float32).
+    replies (central DP rewrites them in float32). Under secure aggregation the bytes of the
+    SecAgg+ records count too (keys, encrypted shares, the masked update: `sharing.SECURE_RECORD`),
+    over all four stages of a round.
 
     Args:
         grid: Flower's grid.
@@ -275,14 +292,21 @@ class TrafficMeter:
                 continue
             entry = self._traffic.setdefault(node, {})
             entry["bytes_received"] = entry.get("bytes_received", 0) + _weight_bytes(reply.content)
-            compute = reply.content["metrics"].get(COMPUTE_METRIC) if "metrics" in reply.content else None
+            metrics = next((reply.content[k] for k in ("metrics", "fitres.metrics") if k in reply.content), {})
+            compute = metrics.get(COMPUTE_METRIC)
             if isinstance(compute, int | float) and not isinstance(compute, bool):
                 entry["compute_s"] = round(float(compute), 3)
         return replies
 
 
 def _weight_bytes(content: RecordDict) -> int:
-    return sum(record.count_bytes() for record in content.values() if isinstance(record, ArrayRecord))
+    total = sum(record.count_bytes() for record in content.values() if isinstance(record, ArrayRecord))
+    secure = content.get(SECURE_RECORD)
+    if isinstance(secure, ConfigRecord):
+        for value in secure.values():
+            for item in value if isinstance(value, list) else [value]:
+                total += len(item) if isinstance(item, bytes) else 0
+    return total
 
 
 def replies_by_node(sent: list[Message], replies: list[Message]) -> dict[int, Message]:

@@ -55,8 +55,12 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
     raise AssertionError(f"the server did not listen on {port} in {timeout} s")
 
 
-def test_server_and_two_clients_over_tls(tmp_path: Path) -> None:
-    cfg = compose(RUN)
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_server_and_two_clients_over_tls(tmp_path: Path, secure: bool) -> None:
+    # secure: the FedAvg rounds under SecAgg+ (aldm_fed/federation/secure.py); its protocol state
+    # must survive between messages, each of which runs in a fresh `flwr-clientapp` process.
+    run = [*RUN, "fed.privacy.secagg.enabled=true"] if secure else RUN
+    cfg = compose(run)
     make_cohort(tmp_path / "cohort", PhantomConfig.from_mapping(cfg.phantom), seed=0, progress=False)
     certs = tmp_path / "certs"
     make_certificates(certs, ["A", "B"])
@@ -66,7 +70,7 @@ def test_server_and_two_clients_over_tls(tmp_path: Path) -> None:
     try:
         with open(server_log, "w") as out:
             server = subprocess.Popen(
-                cli("server", "--certs", str(certs), "--port", str(port), *RUN, f"paths.runs={tmp_path / 'server'}"),
+                cli("server", "--certs", str(certs), "--port", str(port), *run, f"paths.runs={tmp_path / 'server'}"),
                 stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
             )
         procs.append(server)
@@ -95,6 +99,10 @@ def test_server_and_two_clients_over_tls(tmp_path: Path) -> None:
     start = initial_weights(cfg, "vae")["vae"]
     assert any(not torch.equal(vae.tensors["vae"][k], start[k]) for k in start)
     backbone = load_checkpoint(runs / "backbone" / "final", groups=[])
+
+    def fedavg(phase: str) -> list[str]:  # SecAgg+: keys, shares, the masked update, the unmasking shares
+        return ["secagg:setup", "secagg:share_keys", phase, "secagg:unmask"] if secure else [phase]
+
     nets = {}
     for site in ("A", "B"):
         state = tmp_path / site
@@ -102,7 +110,8 @@ def test_server_and_two_clients_over_tls(tmp_path: Path) -> None:
             installed = load_checkpoint(state / stage / "final", groups=[])
             assert installed.meta["weights"]["sha256"] == ckpt.meta["weights"]["sha256"]
         nets[site] = load_checkpoint(state / "sites" / site / "controlnet" / "final").tensors["controlnet"]
-        phases = [json.loads(line)["phase"] for line in (state / OUTGOING_LOG).read_text().splitlines()]
-        assert phases == ["hello", "vae", "scale", "backbone", "local"]
+        lines = [json.loads(line) for line in (state / OUTGOING_LOG).read_text().splitlines()]
+        assert [x["phase"] for x in lines] == ["hello", *fedavg("vae"), "scale", *fedavg("backbone"), "local"]
+        assert secure == (not any("arrays" in x for x in lines))  # under SecAgg+ only masked updates left
     assert not all(torch.equal(nets["A"][k], nets["B"][k]) for k in nets["A"])
     assert not (runs / "sites").exists() and not (tmp_path / "A" / "sites" / "B").exists()

@@ -27,7 +27,6 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from aldm_fed.config import compose
 from aldm_fed.federation.privacy import (
-    SECAGG_UNSUPPORTED,
     CentralDP,
     DPSettings,
     PrivacySettings,
@@ -65,11 +64,19 @@ def test_defaults_are_off_and_bad_options_are_named(cfg: Any) -> None:
         PrivacySettings.from_config(_with(cfg, **{"privacy.dp.enabled": True, "aggregation": "median"}))
 
 
-def test_secagg_is_refused_with_the_reason(cfg: Any) -> None:
-    with pytest.raises(ValueError) as info:
-        PrivacySettings.from_config(_with(cfg, **{"privacy.secagg.enabled": True}))
-    assert str(info.value) == SECAGG_UNSUPPORTED
-    assert "secaggplus_workflow.py" in SECAGG_UNSUPPORTED and "LegacyContext" in SECAGG_UNSUPPORTED
+def test_secagg_options_are_checked_by_name_and_conflicts_are_refused(cfg: Any) -> None:
+    on = {"privacy.secagg.enabled": True}
+    assert PrivacySettings.from_config(_with(cfg, **on)).secagg.enabled
+    with pytest.raises(ValueError, match=r"cannot be combined with fed\.privacy\.dp\.enabled=true"):
+        PrivacySettings.from_config(_with(cfg, **on, **{"privacy.dp.enabled": True}))
+    with pytest.raises(ValueError, match=r"secagg\.enabled=true needs fed\.aggregation=fedavg, got 'median'"):
+        PrivacySettings.from_config(_with(cfg, **on, aggregation="median"))
+    for option, value, why in [("num_shares", 2, "must be > 2"), ("num_shares", 0.0, "must be > 0"),
+                               ("reconstruction_threshold", 1.5, r"in \(0, 1\]"),
+                               ("clipping_range", 0.0, "must be > 0"),
+                               ("quantization_range", 2**32, r"in \(0, 2\*\*32\)")]:
+        with pytest.raises(ValueError, match=rf"fed\.privacy\.secagg\.{option}: .*{why}"):
+            PrivacySettings.from_config(_with(cfg, **{f"privacy.secagg.{option}": value}))
 
 
 def test_epsilon_grows_with_rounds_shrinks_with_noise_and_is_below_the_classic_rdp_bound() -> None:
