@@ -11,7 +11,8 @@ autocast where the CPU has it, as `device=auto` picks):
   (network build, run folder, final checkpoint) and keeps everything a step really pays
   (batching, loss, grad clip, EMA, metrics log, progress);
 - bare: the same networks (MONAI's, or the plain-torch AlexLite of the slice classifier), forward +
-  loss + backward + AdamW step on one fixed batch in a plain loop, with the same optimizer kernel
+  loss (the diffusion stages' tumour-weighted one) + backward + AdamW step on one fixed batch
+  (its mask encoded once) in a plain loop, with the same optimizer kernel
   (fused AdamW) and memory layout (`device.channels_last`) as ours, so that the ratio is our
   loop's overhead alone (`benchmarks/speedups.py` measures what those two choices gain).
 
@@ -244,7 +245,9 @@ def _bare_step(stage: str, size: int) -> tuple[Callable[[], Any], list[Any]]:
 
     def step() -> torch.Tensor:
         with autocast_context(setup):
-            return diffusion_loss(unet, cn, scheduler, z0, mask, cond_drop_prob=0.0, tumour_weight=1.0)
+            # the stages' loss: tumour-weighted as `model.conditioning` says (ALDM: 2x on tumour)
+            return diffusion_loss(unet, cn, scheduler, z0, mask, cond_drop_prob=0.0,
+                                  tumour_weight=cond.tumour_weight, weight_pool=cond.weight_pool)
 
     return step, params
 

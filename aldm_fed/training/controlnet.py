@@ -156,6 +156,7 @@ def train_controlnet(
         scale_factor=scale_factor, cond=dataclasses.replace(cond, drop_prob=0.0),
         conditioning_scale=controlnet_conditioning_scale(cfg.model.controlnet),
         loop=loop, optim=optim, optimizer=optimizer, params=params, setup=setup, scaler=scaler,
+        cache_masks=True,  # K cases, ~800 steps: encode each mask once (diffusion_step_fn)
     )
     optimizers: dict[str, Any] = {"adamw": optimizer}
     if setup.use_grad_scaler:
