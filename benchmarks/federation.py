@@ -105,14 +105,23 @@ def quality(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _max_abs_difference(a: Path, b: Path) -> float:
+    """Largest |w_a - w_b| over the floating tensors of two checkpoints."""
+    ta, tb = load_checkpoint(a).tensors, load_checkpoint(b).tensors
+    return max((float((ta[g][k].float() - tb[g][k].float()).abs().max())
+                for g in ta for k in ta[g] if ta[g][k].is_floating_point()), default=0.0)
+
+
 def weight_difference(run_dir: Path, reference: Path) -> dict[str, float]:
-    """Largest |w - w_reference| of the global VAE and backbone finals (float32 on disk)."""
-    out = {}
-    for stage in PHASES:
-        a, b = load_checkpoint(run_dir / stage / "final"), load_checkpoint(reference / stage / "final")
-        out[stage] = max((float((a.tensors[g][k].float() - b.tensors[g][k].float()).abs().max())
-                          for g in a.tensors for k in a.tensors[g] if a.tensors[g][k].is_floating_point()),
-                         default=0.0)
+    """Largest |w - w_reference| of the global VAE and backbone finals (float32 on disk), and of
+    the first VAE round's global weights ("vae_round1", while the server still keeps that round):
+    both runs start it from the same
+    weights and their sites train the same way, so it shows the transfer's own error (half
+    precision, SecAgg+'s quantisation) before training dynamics amplify it in later rounds."""
+    out = {stage: _max_abs_difference(run_dir / stage / "final", reference / stage / "final") for stage in PHASES}
+    first = Path("federation") / "rounds" / "vae" / "round_0001"  # ServerState.round_dir
+    if (run_dir / first).is_dir() and (reference / first).is_dir():
+        out["vae_round1"] = _max_abs_difference(run_dir / first, reference / first)
     return out
 
 
@@ -152,13 +161,13 @@ def table(results: list[dict[str, Any]]) -> str:
                          f"{_fmt(c['bytes_received_per_site'])} | {_fmt(c['params_bytes_fp32'])} | {_fmt(ratio, 3)} |")
     lines += ["", "| transfer | run s | VAE loss (last round) | backbone loss (last round) | ControlNet adaptation loss "
               "per site | AUC real_syn (mean over sites) | AUC real_only | max abs weight diff vs " + base["dtype"]
-              + " (VAE / backbone) |", "|---|---|---|---|---|---|---|---|"]
+              + " (VAE / backbone) | same, VAE after round 1 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         q, d = r["quality"], r.get("weight_diff", {})
         adapt = ", ".join(f"{s} {_fmt(v, 4)}" for s, v in q["adapt_loss"].items())
         lines.append(f"| {r['dtype']} | {_fmt(r['seconds'])} | {_fmt(q['vae_loss'], 4)} | {_fmt(q['backbone_loss'], 4)} | "
                      f"{adapt} | {_fmt(q['auc_real_syn'])} | {_fmt(q['auc_real_only'])} | "
-                     f"{_fmt(d.get('vae'), 2)} / {_fmt(d.get('backbone'), 2)} |")
+                     f"{_fmt(d.get('vae'), 2)} / {_fmt(d.get('backbone'), 2)} | {_fmt(d.get('vae_round1'), 2)} |")
     return "\n".join(lines)
 
 

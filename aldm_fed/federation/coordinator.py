@@ -304,8 +304,7 @@ def _fedavg_phase(
     if done < rounds and privacy.secagg.enabled:
         initial = to_array_record(groups)
         inner.append(SecureFedAvg(
-            phase, nodes, examples or {}, settings=privacy.secagg,
-            expected={k: tuple(a.shape) for k, a in initial.items()}, on_round=on_round, round_offset=done,
+            phase, nodes, examples or {}, settings=privacy.secagg, on_round=on_round, round_offset=done,
             min_replies=int(cfg.fed.min_replies), signer=signer, transfer_dtype=transfer_dtype(cfg), meter=meter,
         ))
         inner[0].start(grid=meter, initial_arrays=initial, num_rounds=rounds - done,

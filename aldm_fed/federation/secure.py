@@ -47,14 +47,45 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.client.mod import secaggplus_mod
+from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+from flwr.server import ServerConfig, SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 
 from aldm_fed.federation.privacy import MODULUS_RANGE, SecAggSettings
-from aldm_fed.federation.records import from_array_record, params_nbytes, to_array_record, update_order
-from aldm_fed.federation.sharing import SharingError, check_metrics, check_reply, secure_stage
+from aldm_fed.federation.records import (
+    from_array_record,
+    params_nbytes,
+    to_array_record,
+    update_order,
+)
+from aldm_fed.federation.sharing import (
+    SharingError,
+    check_metrics,
+    check_reply,
+    secure_stage,
+)
 from aldm_fed.federation.signing import Signer, sign_content
-from aldm_fed.federation.strategy import FederationError, RoundCallback, TrafficMeter, round_cost
+from aldm_fed.federation.strategy import (
+    FederationError,
+    RoundCallback,
+    TrafficMeter,
+    round_cost,
+)
 
 __all__ = ["SecureFedAvg", "as_masked_fitres", "secure_aggregation_mod"]
 
@@ -67,7 +98,7 @@ Handler = Callable[[Message, Context], Message]
 
 
 class SecureFedAvg:
-    """The rounds of one FedAvg phase under SecAgg+; same arguments and callbacks as `PhaseFedAvg`.
+    """The rounds of one FedAvg phase under SecAgg+; the callbacks and round cost of `PhaseFedAvg`.
 
     Args:
         phase: "vae" or "backbone".
@@ -75,7 +106,6 @@ class SecureFedAvg:
         examples: node id -> the site's example count (its source cases, from the roll call):
             the largest is SecAgg+'s `max_weight`, so each site's weight n_i / max_weight <= 1.
         settings: `fed.privacy.secagg`.
-        expected: flat key -> shape of the global weights.
         on_round: called after each aggregation (the server's checkpoint).
         round_offset: rounds already completed (a resumed phase).
         min_replies: the fewest sites whose masked updates a round may be aggregated from.
@@ -91,7 +121,6 @@ class SecureFedAvg:
         examples: Mapping[int, int],
         *,
         settings: SecAggSettings,
-        expected: Mapping[str, tuple[int, ...]],
         on_round: RoundCallback,
         round_offset: int = 0,
         min_replies: int = 1,
@@ -113,7 +142,6 @@ class SecureFedAvg:
         self.nodes = dict(nodes)
         self.max_weight = float(max(max(examples.get(n, 0) for n in nodes), 1))
         self.settings = settings
-        self.expected = dict(expected)
         self.on_round = on_round
         self.round_offset = round_offset
         self.min_replies = min_replies
@@ -143,11 +171,6 @@ class SecureFedAvg:
             FederationError: the protocol halted (too few sites left for the shares), fewer than
                 `min_replies` sites finished, or the aggregate is not finite.
         """
-        from flwr.server import ServerConfig
-        from flwr.server.compat.legacy_context import LegacyContext
-        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-        from flwr.server.workflow.constant import Key as WorkflowKey
-
         rnd = self.round_offset + server_round
         self._started = time.monotonic()
         self._params_nbytes = params_nbytes(arrays)
@@ -243,9 +266,6 @@ class _SumOnly:
     and keeps what the unmask stage hands over (the mean update, who finished, their metrics)."""
 
     def __init__(self, nodes: Mapping[int, str], grid: Any) -> None:
-        from flwr.server import SimpleClientManager
-        from flwr.server.compat.grid_client_proxy import GridClientProxy
-
         self.nodes = dict(nodes)
         self.client_manager = SimpleClientManager()
         self.proxies = [GridClientProxy(node, grid, run_id=0) for node in nodes]
@@ -258,14 +278,10 @@ class _SumOnly:
 
     # The legacy Strategy interface (flwr.server.strategy.Strategy), as far as the workflow calls it.
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
-        from flwr.common import FitIns, Parameters
-
         # Placeholders: `_SignedSecAggPlus` sends the round's signed message instead.
         return [(proxy, FitIns(Parameters(tensors=[], tensor_type=""), {})) for proxy in self.proxies]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[Any, Any]], failures: list[Any]) -> tuple[Any, dict]:
-        from flwr.common import parameters_to_ndarrays
-
         if results:  # every FitRes carries the same unmasked mean (Flower sets it on each)
             self.mean_update = parameters_to_ndarrays(results[0][1].parameters)
             self.node_ids = [proxy.node_id for proxy, _ in results]
@@ -304,9 +320,6 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Handler) -
     whose masking stage gets the site's update from `as_masked_fitres`; others pass through."""
     if secure_stage(msg.content) is None:
         return call_next(msg, context)
-    from flwr.client.mod import secaggplus_mod
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
-
     def masked(m: Message, c: Context) -> Message:
         state = c.state.get(RECORD_KEY_STATE)  # Flower's protocol state, kept since the setup stage
         clip = float(state["clipping_range"]) if isinstance(state, ConfigRecord) and "clipping_range" in state else None

@@ -120,9 +120,8 @@ def _run(tmp_path: Path, *, failing: int | None = None, **settings: Any) -> tupl
 
     initial = to_array_record({"vae": _global()})
     strategy = SecureFedAvg(
-        "vae", SITES, EXAMPLES, settings=SecAggSettings(enabled=True, **settings),
-        expected={k: tuple(a.shape) for k, a in initial.items()}, on_round=on_round, signer=Signer.from_file(key),
-        meter=meter,
+        "vae", SITES, EXAMPLES, settings=SecAggSettings(enabled=True, **settings), on_round=on_round,
+        signer=Signer.from_file(key), meter=meter,
     )
     strategy.start(grid=meter, initial_arrays=initial, num_rounds=1, timeout=30.0,
                    train_config=ConfigRecord({"local-steps": 1}))
@@ -194,7 +193,7 @@ def test_without_spare_shares_a_drop_out_stops_the_round_with_a_clear_error(tmp_
 
 
 def test_one_site_or_a_wrapping_sum_is_refused_up_front() -> None:
-    kwargs: dict[str, Any] = {"expected": {}, "on_round": lambda *a: None}
+    kwargs: dict[str, Any] = {"on_round": lambda *a: None}
     with pytest.raises(FederationError, match=r"needs at least 2 sites in the phase"):
         SecureFedAvg("vae", {11: "A"}, {11: 1}, settings=SecAggSettings(enabled=True), **kwargs)
     with pytest.raises(FederationError, match=r"reaches SecAgg\+'s modulus 2\*\*32"):
