@@ -28,8 +28,10 @@ computes weighted FedAvg up to the quantisation step 2 x clipping_range / quanti
 What the server no longer has: the sites' individual updates, so no per-site update checks (NaN,
 shapes, norm outliers) and no robust aggregation (`fed.aggregation` must be fedavg). Each site
 checks its own update before masking it (allow-list, finite values), the server checks the
-aggregate (finite, shapes). A site that fails or vanishes mid-round is a dropped site: SecAgg+
-removes its masks from the shares of the others, and the round counts the sites that finished.
+aggregate (finite, shapes) and every reply against the allow-list on arrival (`_CheckedGrid`).
+A site that fails, vanishes or sends a reply the allow-list refuses mid-round is a dropped site:
+SecAgg+ removes its masks with the shares of the others, and the round counts the sites that
+finished.
 What still travels in plain: per-site metrics (losses, example counts) and the scale phase.
 
 Limits of Flower 1.42's implementation (stated in the README): at least 2 sites per round; the
@@ -52,12 +54,14 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MetricRecord,
     RecordDict,
 )
 from flwr.client.mod import secaggplus_mod
 from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.server import ServerConfig, SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -77,6 +81,7 @@ from aldm_fed.federation.sharing import (
     SharingError,
     check_metrics,
     check_reply,
+    check_secure_reply,
     secure_stage,
 )
 from aldm_fed.federation.signing import Signer, sign_content
@@ -198,7 +203,7 @@ class SecureFedAvg:
             modulus_range=MODULUS_RANGE,
             timeout=timeout,
         )
-        workflow(grid, context)
+        workflow(_CheckedGrid(grid, self.nodes, f"{self.phase} round {rnd}"), context)
         if collected.mean_update is None:
             raise FederationError(
                 f"{self.phase} round {rnd}: secure aggregation halted (too few sites answered a stage to "
@@ -259,6 +264,47 @@ class SecureFedAvg:
             metrics = {k: v for k, v in metrics.items() if k != "compute-seconds"}
             records.append(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": count})}))
         return aggregate_metricrecords(records, "num-examples") if records else MetricRecord()
+
+
+class _CheckedGrid:
+    """The grid as Flower's workflow sees it: every site reply is checked on arrival
+    (`sharing.check_secure_reply`, the allow-list the site applied before sending), and one that
+    breaks it becomes an error reply, so the workflow drops that site and removes its masks with
+    the others' shares. Every other call goes to the wrapped grid.
+
+    Args:
+        grid: the server's grid (its `TrafficMeter`).
+        nodes: node id -> site name, for the log.
+        where: "<phase> round <n>", for the log.
+    """
+
+    def __init__(self, grid: Any, nodes: Mapping[int, str], where: str) -> None:
+        self._grid = grid
+        self._nodes = dict(nodes)
+        self._where = where
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        stages = [secure_stage(m.content) for m in messages]  # the stage each request asks for
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        sent = {m.metadata.message_id: (m, stage) for m, stage in zip(messages, stages)}
+        out = []
+        for reply in replies:
+            request, stage = sent.get(reply.metadata.reply_to_message_id, (None, None))
+            if request is not None and not reply.has_error():
+                try:
+                    check_secure_reply(stage, request.content, reply.content)
+                except SharingError as exc:
+                    site = self._nodes.get(request.metadata.dst_node_id, str(request.metadata.dst_node_id))
+                    log.warning("%s: rejected the secure-aggregation reply of site %s, which drops out of the "
+                                "round: %s", self._where, site, exc)
+                    reply = Message(Error(code=ErrorCode.UNKNOWN, reason=f"rejected by the server: {exc}"),
+                                    reply_to=request)
+            out.append(reply)
+        return out
 
 
 class _SumOnly:

@@ -90,16 +90,26 @@ class InProcessGrid:
         return out
 
 
-def _site_app(node: int, tmp_path: Path, verifier: Verifier, fail: bool = False) -> ClientApp:
+def _leak(msg: Message, context: Context, call_next: Any) -> Message:
+    """A tampered site: a mod outside the allow-list adds a record to its masked update."""
+    reply = call_next(msg, context)
+    if reply.has_content() and SECURE_RECORD in reply.content and "masked_params" in reply.content[SECURE_RECORD]:
+        reply.content["leak"] = ConfigRecord({"case": "BraTS-001"})
+    return reply
+
+
+def _site_app(node: int, tmp_path: Path, verifier: Verifier, fail: str | None = None) -> ClientApp:
     """A site's ClientApp with the real mods; its 'training' adds a fixed update to the verified
-    global weights (`fail`: its update holds NaN, which the site refuses to send)."""
-    app = ClientApp(mods=site_mods(lambda context: tmp_path / SITES[node] / "outgoing.jsonl"))
+    global weights (`fail`="nan": its update holds NaN, which the site refuses to send; "leak":
+    its masked reply is tampered with after the site's allow-list)."""
+    app = ClientApp(mods=[*([_leak] if fail == "leak" else []),
+                          *site_mods(lambda context: tmp_path / SITES[node] / "outgoing.jsonl")])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         weights = verifier.verify(msg.content, ("vae",))["vae"]
         delta = _delta(node)
-        if fail:
+        if fail == "nan":
             delta["enc.bias"][0] = float("nan")
         trained = {k: weights[k] + delta[k] for k in weights}
         return Message(site_reply("vae", metrics={"num-examples": EXAMPLES[node], "loss": float(node)},
@@ -108,10 +118,11 @@ def _site_app(node: int, tmp_path: Path, verifier: Verifier, fail: bool = False)
     return app
 
 
-def _run(tmp_path: Path, *, failing: int | None = None, **settings: Any) -> tuple[dict[str, Any], InProcessGrid]:
+def _run(tmp_path: Path, *, failing: int | None = None, how: str = "nan",
+         **settings: Any) -> tuple[dict[str, Any], InProcessGrid]:
     key, pub = ensure_signing_pair(tmp_path / "keys")
     verifier = Verifier.from_file(pub)
-    grid = InProcessGrid({n: _site_app(n, tmp_path, verifier, fail=n == failing) for n in SITES})
+    grid = InProcessGrid({n: _site_app(n, tmp_path, verifier, fail=how if n == failing else None) for n in SITES})
     meter = TrafficMeter(grid)
     got: dict[str, Any] = {}
 
@@ -185,6 +196,16 @@ def test_a_site_that_drops_out_is_named_and_the_others_are_averaged(tmp_path: Pa
     expected = _fedavg([11, 12])
     assert max(float(np.abs(secure[k].double().numpy() - expected[k]).max()) for k in SHAPES) < 1e-4
     assert "site(s) ['C'] dropped out" in caplog.text and "holds NaN or Inf" in caplog.text
+
+
+def test_the_server_drops_a_site_whose_reply_breaks_the_allow_list(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        got, _ = _run(tmp_path, failing=12, how="leak", reconstruction_threshold=0.67)
+    assert got["used"] == ["A", "C"]
+    secure = from_array_record(got["arrays"], ("vae",))["vae"]
+    expected = _fedavg([11, 13])
+    assert max(float(np.abs(secure[k].double().numpy() - expected[k]).max()) for k in SHAPES) < 1e-4
+    assert "rejected the secure-aggregation reply of site B" in caplog.text and "'leak'" in caplog.text
 
 
 def test_without_spare_shares_a_drop_out_stops_the_round_with_a_clear_error(tmp_path: Path) -> None:
