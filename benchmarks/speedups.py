@@ -10,6 +10,7 @@ UNet + ControlNet at the latent size) one training step (forward, loss, backward
 | `bf16+fused` | the same with the fused AdamW kernel (`training.optim.adam_optimizer`) |
 | `bf16+fused+channels_last` | the same, model and batch in `torch.channels_last_3d` (`device.channels_last`): today's default on CPU |
 | `bf16+compile` | `bf16`, the step's modules wrapped by `torch.compile` (`--compile`; compiling takes minutes on 2 cores and is timed apart) |
+| `bf16+fused+channels_last+compile` | today's default, the modules wrapped by `torch.compile` (`--compile`) |
 | `bf16, 1 thread` | `bf16` with one intra-op thread instead of all the process may use |
 
 Each figure is the best of `--repeats` timed blocks after a warm-up, and the ratio to the `bf16`
@@ -17,6 +18,8 @@ row is what to compare: these machines' timing noise is large. `max_rel_err`
 is the largest relative difference of the step's loss to fp32 over the timed steps' first batch.
 
     python benchmarks/speedups.py --size 64 --out bench-speedups.json
+    python benchmarks/speedups.py --size 64 --compile --variants bf16 bf16+fused+channels_last \
+        bf16+compile bf16+fused+channels_last+compile      # torch.compile, ~5 min
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from aldm_fed.models import build_controlnet, build_unet, build_vae, vae_downsam
 from aldm_fed.training.optim import adam_optimizer
 
 PRESET = {32: "tiny", 64: "demo", 96: "demo"}
-VARIANTS = ("fp32", "bf16", "bf16+fused", "bf16+fused+channels_last", "bf16+compile", "bf16, 1 thread")
+VARIANTS = ("fp32", "bf16", "bf16+fused", "bf16+fused+channels_last", "bf16+compile",
+            "bf16+fused+channels_last+compile", "bf16, 1 thread")
+COMPILED = ("bf16+compile", "bf16+fused+channels_last+compile")
 
 
 def _networks(size: int, seed: int = 0) -> dict[str, tuple[list[nn.Module], Callable[..., torch.Tensor], tuple]]:
@@ -85,10 +90,10 @@ def measure(name: str, size: int, variant: str, steps: int, repeats: int, thread
     modules, loss_fn, inputs = _networks(size)[name]
     torch.set_num_threads(1 if variant == "bf16, 1 thread" else threads)
     dtype = None if variant == "fp32" else torch.bfloat16
-    if variant.endswith("+channels_last"):
+    if "+channels_last" in variant:
         modules = [m.to(memory_format=torch.channels_last_3d) for m in modules]
         inputs = tuple(_to_channels_last(t) for t in inputs)
-    call_modules = [torch.compile(m) for m in modules] if variant == "bf16+compile" else modules
+    call_modules = [torch.compile(m) for m in modules] if variant in COMPILED else modules
     params = [p for m in modules for p in m.parameters()]
     opt = adam_optimizer(params, lr=1e-4) if "+fused" in variant else torch.optim.AdamW(params, lr=1e-4)
 
@@ -121,17 +126,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=3, help="steps per timed block")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                    help="measure only these (bf16 is always measured: the ratios' reference)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
-    variants = [v for v in VARIANTS if v != "bf16+compile" or args.compile]
+    variants = [v for v in VARIANTS if (v not in COMPILED or args.compile)
+                and (args.variants is None or v in args.variants or v == "bf16")]
     rows: list[dict[str, Any]] = []
     for name in args.networks:
         measured = {v: measure(name, args.size, v, args.steps, args.repeats, threads) for v in variants}
-        ref, fp32 = measured["bf16"]["s_per_step"], measured["fp32"]["first_loss"]
+        ref = measured["bf16"]["s_per_step"]
+        fp32 = measured["fp32"]["first_loss"] if "fp32" in measured else None
         for v, row in measured.items():
             row["ratio_to_bf16"] = row["s_per_step"] / ref
-            row["loss_rel_err_to_fp32"] = abs(row["first_loss"] - fp32) / max(abs(fp32), 1e-12)
+            row["loss_rel_err_to_fp32"] = (abs(row["first_loss"] - fp32) / max(abs(fp32), 1e-12)
+                                           if fp32 is not None else float("nan"))
             rows.append(row)
             print(f"{name:9s} {args.size:3d}^3  {v:20s} {row['s_per_step']:7.3f} s/step  x{row['ratio_to_bf16']:5.2f}"
                   f" of bf16  warm-up {row['warmup_s']:6.1f} s  loss rel. err. {row['loss_rel_err_to_fp32']:.1e}",
