@@ -79,13 +79,13 @@ from aldm_fed.federation.records import (
 )
 from aldm_fed.federation.sharing import (
     SharingError,
-    check_metrics,
     check_reply,
     check_secure_reply,
     secure_stage,
 )
 from aldm_fed.federation.signing import Signer, sign_content
 from aldm_fed.federation.strategy import (
+    COMPUTE_METRIC,
     FederationError,
     RoundCallback,
     TrafficMeter,
@@ -221,7 +221,7 @@ class SecureFedAvg:
                 f"fed.min_replies={self.min_replies}. Restart the server to resume from round {rnd}."
             )
         updated = self._apply(rnd, reference, collected.mean_update)
-        metrics = self._metrics(rnd, collected.metrics)
+        metrics = self._metrics(collected.metrics)
         self.on_round(rnd, updated, metrics, used)
         loss = metrics.get("loss")
         log.info("[%s] round %d: securely averaged %d site(s) %s%s in %.1f s", self.phase, rnd, len(used), used,
@@ -250,19 +250,15 @@ class SecureFedAvg:
             groups[group][name] = value.to(base.dtype) if base.is_floating_point() else value.round().to(base.dtype)
         return to_array_record(groups)
 
-    def _metrics(self, rnd: int, per_site: list[tuple[str, int, dict[str, Any]]]) -> MetricRecord:
-        """The sites' metrics (they travel in plain), weighted by example count like FedAvg's."""
+    @staticmethod
+    def _metrics(per_site: list[tuple[str, int, dict[str, Any]]]) -> MetricRecord:
+        """The sites' metrics (they travel in plain, checked on arrival by `_CheckedGrid`), weighted
+        by example count like FedAvg's; compute-seconds stays per site (the round's cost)."""
         from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-        records = []
-        for site, count, metrics in per_site:
-            try:
-                check_metrics(self.phase, metrics)
-            except SharingError as exc:
-                log.warning("%s round %d: ignored the metrics of site %s: %s", self.phase, rnd, site, exc)
-                continue
-            metrics = {k: v for k, v in metrics.items() if k != "compute-seconds"}
-            records.append(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": count})}))
+        records = [RecordDict({"metrics": MetricRecord({**{k: v for k, v in metrics.items() if k != COMPUTE_METRIC},
+                                                        "num-examples": count})})
+                   for _, count, metrics in per_site]
         return aggregate_metricrecords(records, "num-examples") if records else MetricRecord()
 
 
@@ -397,11 +393,10 @@ def as_masked_fitres(request: Message, reply: Message, *, clipping_range: float 
         raise SharingError(f"secagg phase {phase}: the update's keys differ from the global weights'")
     metrics = dict(reply.content["metrics"])
     count = int(metrics.pop("num-examples"))
+    # Differences in float64 of the float32 weights (the global ones decoded as the site trained on them).
+    base, mine = from_array_record(sent), from_array_record(trained)
     updates, largest = {}, 0.0
     for key in update_order(sent):
-        # Differences in float64 of the float32 weights (the global ones decoded as the site trained on them).
-        base = from_array_record(ArrayRecord({key: sent[key]}))
-        mine = from_array_record(ArrayRecord({key: trained[key]}))
         group, name = key.split(".", 1)
         update = mine[group][name].double().numpy() - base[group][name].double().numpy()
         if not np.isfinite(update).all():
