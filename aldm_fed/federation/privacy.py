@@ -81,6 +81,9 @@ class DPSettings:
     delta: float = 1e-5
 
 
+MODULUS_RANGE = 2**32  # SecAgg+'s modulus (Flower's default and its maximum): masked sums wrap at it
+
+
 @dataclass(frozen=True)
 class SecAggSettings:
     """Secure aggregation with Flower's SecAgg+ (`fed.privacy.secagg`; the protocol: `secure`).
@@ -136,9 +139,6 @@ class SecAggSettings:
         if isinstance(self.quantization_range, bool) or not isinstance(self.quantization_range, int) \
                 or not 0 < self.quantization_range < MODULUS_RANGE:
             raise bad("quantization_range", f"an integer in (0, 2**32) is needed, got {self.quantization_range!r}")
-
-
-MODULUS_RANGE = 2**32  # SecAgg+'s modulus (Flower's default and its maximum): masked sums wrap at it
 
 
 @dataclass(frozen=True)
