@@ -27,6 +27,7 @@ __all__ = [
     "BF16_STYPE",
     "TRANSFER_DTYPES",
     "array_tensor",
+    "for_transfer",
     "from_array_record",
     "group_of",
     "params_nbytes",
@@ -150,6 +151,18 @@ def from_array_record(
         if missing or extra:
             raise ValueError(f"parameter groups {sorted(out)} received; expected {sorted(wanted)}")
     return out
+
+
+def for_transfer(arrays: ArrayRecord, dtype: str) -> tuple[ArrayRecord, ArrayRecord]:
+    """The global weights as they travel in `dtype`, and as a site decodes them (float32).
+
+    Updates are measured against the second: what the sites really trained from. At float32 both
+    are `arrays` itself (no copy).
+    """
+    if dtype == "float32":
+        return arrays, arrays
+    wire = to_array_record(from_array_record(arrays), dtype)
+    return wire, to_array_record(from_array_record(wire))
 
 
 def update_order(record: ArrayRecord) -> list[str]:

@@ -72,6 +72,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from aldm_fed.federation.privacy import MODULUS_RANGE, SecAggSettings
 from aldm_fed.federation.records import (
+    for_transfer,
     from_array_record,
     params_nbytes,
     to_array_record,
@@ -181,8 +182,7 @@ class SecureFedAvg:
         self._params_nbytes = params_nbytes(arrays)
         if self.meter is not None:
             self.meter.reset()
-        wire = to_array_record(from_array_record(arrays), self.transfer_dtype)
-        reference = to_array_record(from_array_record(wire))  # what the sites train from
+        wire, reference = for_transfer(arrays, self.transfer_dtype)  # the update is added to what sites got
         config = ConfigRecord({**dict(train_config), "phase": self.phase, "round": rnd})
         content = sign_content(self.signer, RecordDict({"arrays": wire, "config": config}))
 

@@ -39,7 +39,7 @@ from aldm_fed.federation.aggregation import (
     trimmed_count,
     update_norms,
 )
-from aldm_fed.federation.records import from_array_record, params_nbytes, to_array_record
+from aldm_fed.federation.records import for_transfer, from_array_record, params_nbytes, to_array_record
 from aldm_fed.federation.sharing import SECURE_RECORD, SharingError, check_reply
 from aldm_fed.federation.signing import Signer, sign_content
 
@@ -115,11 +115,7 @@ class PhaseFedAvg(FedAvg):
         self._params_nbytes = params_nbytes(arrays)
         if self.meter is not None:
             self.meter.reset()
-        wire = arrays
-        if self.transfer_dtype != "float32":
-            wire = to_array_record(from_array_record(arrays), self.transfer_dtype)
-            arrays = to_array_record(from_array_record(wire))  # what the sites will train from
-        self._reference = arrays  # updates are measured against what the sites received
+        wire, self._reference = for_transfer(arrays, self.transfer_dtype)  # norms against what sites got
         record = sign_content(self.signer, RecordDict({self.arrayrecord_key: wire, self.configrecord_key: config}))
         # Kept: the grid stamps each with its message id, which tells whose reply an error is.
         self._sent = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in self.nodes]
