@@ -57,6 +57,7 @@ __all__ = [
     "SamplingPlan",
     "build_scheduler",
     "default_num_steps",
+    "predicted_clean",
     "sample_training_timesteps",
     "sampling_plan",
     "scheduler_step",
@@ -371,6 +372,37 @@ def training_target(
         return noise
     if scheduler.prediction_type == "v_prediction":
         return scheduler.get_velocity(z0, noise, timesteps)
+    raise ValueError(f"prediction_type {scheduler.prediction_type!r} is not supported")
+
+
+def predicted_clean(
+    scheduler: Scheduler, prediction: torch.Tensor, z_t: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The clean latent a network prediction implies: the inverse of `training_target`.
+
+    Why it matters: sampling commits to the global layout at the noisiest timesteps, where an
+    epsilon prediction is divided by sqrt(alpha_bar) (~0.007 at t = 990 of ALDM's schedule), so a
+    small error in epsilon becomes a large error in the brain it implies; v and velocity targets do
+    not divide. `benchmarks/denoising.py` measures this per timestep for a trained backbone.
+
+    Args:
+        scheduler: from `build_scheduler`.
+        prediction: the network output for `z_t` (epsilon, v or velocity, as trained).
+        z_t: the noisy latents the network saw.
+        timesteps: (B,) their timesteps.
+
+    Returns:
+        The implied z0, shaped like `z_t`.
+    """
+    shape = (-1,) + (1,) * (z_t.ndim - 1)
+    if _is_rflow(scheduler):  # z_t = (1 - s) z0 + s noise, v = z0 - noise  =>  z0 = z_t + s v
+        s = (timesteps.to(z_t.device, torch.float32) / scheduler.num_train_timesteps).view(shape)
+        return z_t + s * prediction
+    a = scheduler.alphas_cumprod.to(z_t.device)[timesteps.to(z_t.device).long()].view(shape)
+    if scheduler.prediction_type == "epsilon":
+        return (z_t - (1 - a).sqrt() * prediction) / a.sqrt()
+    if scheduler.prediction_type == "v_prediction":
+        return a.sqrt() * z_t - (1 - a).sqrt() * prediction
     raise ValueError(f"prediction_type {scheduler.prediction_type!r} is not supported")
 
 

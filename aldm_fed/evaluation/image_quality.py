@@ -17,6 +17,11 @@ the set with its hosts (a host that received several volumes counts once per vol
 volume whose host is not among the site's real cases is measured unpaired against all of them
 (no SSIM / MMD). The real cases get one reference row: their own MS-SSIM diversity.
 
+`plausible` is the fraction of a set's volumes whose brain, outside the tumour, has intensity
+statistics inside the range the site's real cases span (`aldm_fed.evaluation.plausibility`; the
+host's brain mask where the host is known, else the volume's non-zero voxels): a blotchy or grey
+brain fails it however well the tumour is placed.
+
 The numbers carry fixed names only (`quality.<set>.<metric>`, `quality.<set>.n`,
 `metric_key_pattern`): never a case id, so a federated site may send them.
 """
@@ -34,6 +39,7 @@ from aldm_fed.evaluation.metrics import (
     ms_ssim_diversity,
     set_metric_pattern,
 )
+from aldm_fed.evaluation.plausibility import STAT_MARGIN, RealRange, brain_statistics
 from aldm_fed.evaluation.tasks import CaseItem
 
 __all__ = ["MIN_SIZE", "QUALITY_NUMBERS", "REAL", "REAL_NUMBERS", "host_of", "metric_key_pattern",
@@ -42,10 +48,13 @@ __all__ = ["MIN_SIZE", "QUALITY_NUMBERS", "REAL", "REAL_NUMBERS", "host_of", "me
 PREFIX = "quality"
 REAL = "real"  # the reference row: the site's real cases
 # Per synthetic set: the metrics (`image_quality_metrics`; ssim / mmd only when paired) and its size.
-QUALITY_NUMBERS: tuple[str, ...] = ("ssim", "mmd", "ms_ssim_diversity", FD_2D_NAME, FD_3D_NAME, "n")
+QUALITY_NUMBERS: tuple[str, ...] = ("ssim", "mmd", "ms_ssim_diversity", FD_2D_NAME, FD_3D_NAME, "plausible", "n")
 REAL_NUMBERS: tuple[str, ...] = ("ms_ssim_diversity", "n")
 # MS-SSIM needs >= 16 voxels per side (`metrics.ms_ssim_settings`), SSIM's window 11.
 MIN_SIZE = 16
+# Tumour dilation of the plausibility check: the demo and paper VAEs' downsampling factor (a latent
+# voxel touching the tumour covers 4^3 image voxels); `evaluate_site` passes the run's own.
+DILATE = 4
 
 
 def host_of(item: CaseItem) -> str | None:
@@ -67,6 +76,7 @@ def site_image_quality(
     *,
     seed: int = 0,
     notes: list[str] | None = None,
+    dilate: int = DILATE,
 ) -> dict[str, float | int]:
     """Image-quality numbers of each synthetic set against the site's real cases.
 
@@ -78,6 +88,8 @@ def site_image_quality(
         seed: seed of the random feature networks of the Frechet distances (0 for reported numbers).
         notes: if given, a remark per set left out or measured unpaired is appended (for the
             site's own report; they name no case).
+        dilate: voxels around the tumour left out of the plausibility statistics (the VAE's
+            downsampling factor).
 
     Returns:
         `quality.<set>.<metric>` (`QUALITY_NUMBERS`) per measured set and, with >= 2 real cases,
@@ -97,6 +109,7 @@ def site_image_quality(
         notes.append(f"image quality: volumes of {shape[1:]} are below {MIN_SIZE} voxels per side; not measured")
         return out
     real_stack = _stack(real)
+    real_range = RealRange.from_cases(((np.asarray(it.image), _brain(it), _seg(it)) for it in real), dilate)
     if len(real) >= 2:
         out |= _named(REAL, {"ms_ssim_diversity": ms_ssim_diversity(real_stack)}, ("ms_ssim_diversity",), len(real))
     for name, items in sets.items():
@@ -113,8 +126,28 @@ def site_image_quality(
                          "measured unpaired (no SSIM / MMD)")
         reference = _stack([real_items_by_case[h] for h in hosts]) if paired else real_stack
         values = image_quality_metrics(reference, _stack(items), paired=paired, seed=seed)
+        brains = [_brain(real_items_by_case[h]) if paired else _brain(it) for it, h in zip(items, hosts, strict=True)]
+        values["plausible"] = float(np.mean([_plausible(it, b, real_range, dilate) for it, b in zip(items, brains, strict=True)]))
         out |= _named(name, values, QUALITY_NUMBERS[:-1], len(items))
     return out
+
+
+def _brain(item: CaseItem) -> np.ndarray:
+    if item.brain is not None:
+        return np.asarray(item.brain) > 0
+    return (np.asarray(item.image) > 0).any(0)
+
+
+def _seg(item: CaseItem) -> np.ndarray:
+    return np.zeros(np.shape(item.image)[1:], np.uint8) if item.seg is None else np.asarray(item.seg)
+
+
+def _plausible(item: CaseItem, brain: np.ndarray, real: RealRange, dilate: int) -> bool:
+    try:
+        stats = brain_statistics(np.asarray(item.image), brain, _seg(item), dilate)
+    except ValueError:  # no brain left outside the tumour: nothing plausible to show
+        return False
+    return not real.outside(stats, STAT_MARGIN)
 
 
 def _named(name: str, values: Mapping[str, float], keep: Sequence[str], n: int) -> dict[str, float | int]:

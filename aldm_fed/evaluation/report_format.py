@@ -59,7 +59,10 @@ QUALITY_HOWTO = (
     "= closer to the real distribution. MS-SSIM diversity is the mean MS-SSIM between pairs of volumes of "
     "a set: lower = more diverse; compare it with the real cases' row. MMD and FD depend on the number of "
     "volumes (FD is biased upwards at small n): compare them only between sets of equal n at the same site. "
-    "A set whose hosts are unknown is compared with all real cases, without SSIM / MMD."
+    "A set whose hosts are unknown is compared with all real cases, without SSIM / MMD. Brain plausible: "
+    "the fraction of the set's volumes whose brain outside the tumour has, per modality, a mean and a "
+    "standard deviation within 0.05 of the range the site's real cases span (1 = every volume; a blotchy or "
+    "uniformly grey brain fails however well its tumour is placed)."
 )
 _REAL = "real"
 
@@ -188,13 +191,14 @@ def _signed(value: Any) -> str:
 
 _QUALITY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ssim", "SSIM to host"), ("mmd", "MMD"), ("ms_ssim_diversity", "MS-SSIM diversity"),
-    (FD_2D_NAME, "FD 2D"), (FD_3D_NAME, "FD 3D"), ("n", "n"),
+    (FD_2D_NAME, "FD 2D"), (FD_3D_NAME, "FD 3D"), ("plausible", "brain plausible"), ("n", "n"),
 )
 
 
 def quality_rows(sites: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the image-quality table: per site, the real cases' reference row first,
-    then the ALDM set and each baseline's, with SSIM to host, MMD, MS-SSIM diversity, FD 2D, FD 3D, n.
+    then the ALDM set and each baseline's, with SSIM to host, MMD, MS-SSIM diversity, FD 2D, FD 3D,
+    the fraction of volumes with a plausible brain, n.
 
     Args:
         sites: site -> its image-quality numbers, prefix removed (`aldm.ssim`, `real.n`, ...);

@@ -71,6 +71,7 @@ from aldm_fed.evaluation.regimes import (
     shift_regime,
 )
 from aldm_fed.evaluation.tasks import CaseItem, encode_case_labels, items_from_cache, items_from_synthesis
+from aldm_fed.models.vae import vae_downsample_factor
 from aldm_fed.synthesis.audit import AUDIT_KEY_PATTERN, AuditSettings, audit_site
 from aldm_fed.synthesis.site import site_config
 from aldm_fed.synthesis.writer import MANIFEST_NAME
@@ -412,7 +413,8 @@ def evaluate_site(
     #    Frechet distances in fixed random features. It only reads volumes (seconds at 64^3), so a
     #    rerun recomputes it rather than caching it.
     #    The feature networks keep their fixed seed 0, so values compare across runs and sites.
-    quality = site_image_quality({it.group: it for it in real}, sets, notes=notes) if sets else {}
+    quality = site_image_quality({it.group: it for it in real}, sets, notes=notes,
+                                 dilate=vae_downsample_factor(cfg.model.vae)) if sets else {}
     return SiteEvaluation(site=site_name, rows=rows, run_dir=run_dir, n_target_cases=len(real),
                           n_synthetic_cases=len(syn), n_test_cases=len(test_items), notes=notes,
                           n_synthetic_excluded=len(excluded), audit=audit_numbers, faithfulness=faith,

@@ -19,6 +19,7 @@ from aldm_fed.diffusion import (
     ConsistentDDIMScheduler,
     build_scheduler,
     default_num_steps,
+    predicted_clean,
     sample,
     sample_training_timesteps,
     sampling_plan,
@@ -206,6 +207,24 @@ def test_training_targets() -> None:
     torch.testing.assert_close(training_target(rf, z0, noise, t), z0 - noise)
     # and rflow's add_noise moves from z0 (t=0) toward noise (t=T) along that velocity
     torch.testing.assert_close(rf.add_noise(z0, noise, torch.tensor([0, 0])), z0)
+
+
+@pytest.mark.parametrize(
+    "c", [cfg("ddpm"), cfg("ddim", prediction_type="v_prediction"), cfg("rflow"),
+          cfg("ddim", schedule="cosine")],
+)
+def test_predicted_clean_inverts_the_training_target(c: dict) -> None:
+    """The exact target at a noisy latent implies exactly the clean latent, at every noise level."""
+    g = torch.Generator().manual_seed(1)
+    z0, noise = torch.randn(2, 4, 3, 4, 4, 4, generator=g).unbind(0)
+    t = torch.tensor([0, 250, 700, 999])
+    sch = build_scheduler(c)
+    z_t = sch.add_noise(original_samples=z0, noise=noise, timesteps=t)
+    got = predicted_clean(sch, training_target(sch, z0, noise, t), z_t, t)
+    torch.testing.assert_close(got, z0, atol=2e-3, rtol=1e-3)  # epsilon at t=999 divides by ~0.006
+    # a prediction of the wrong kind does not: the check can fail
+    wrong = predicted_clean(sch, torch.zeros_like(noise), z_t, t)
+    assert float((wrong - z0).abs().max()) > 0.1
 
 
 @pytest.mark.parametrize(

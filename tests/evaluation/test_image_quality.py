@@ -47,6 +47,8 @@ def test_a_set_identical_to_its_hosts_scores_as_a_copy_and_a_shift_raises_mmd_ex
     assert out["quality.real.ms_ssim_diversity"] == pytest.approx(
         ms_ssim_diversity(np.stack([it.image for it in real.values()])), rel=1e-6)
     assert (out["quality.aldm.n"], out["quality.gan.n"], out["quality.real.n"]) == (4, 4, 4)
+    # copies of real brains are plausible; a brain 0.1 brighter everywhere is not (margin 0.05)
+    assert (out["quality.aldm.plausible"], out["quality.gan.plausible"]) == (1.0, 0.0)
     assert all(type(v) in (int, float) and np.isfinite(v) for v in out.values())
 
 
@@ -57,7 +59,8 @@ def test_unknown_hosts_are_measured_unpaired_and_tiny_sets_are_left_out_with_a_n
     notes: list[str] = []
     out = site_image_quality(real, {"aldm": foreign, "gan": foreign[:1]}, notes=notes)
     assert set(out) == {"quality.real.ms_ssim_diversity", "quality.real.n", "quality.aldm.ms_ssim_diversity",
-                        f"quality.aldm.{FD_2D_NAME}", f"quality.aldm.{FD_3D_NAME}", "quality.aldm.n"}
+                        f"quality.aldm.{FD_2D_NAME}", f"quality.aldm.{FD_3D_NAME}", "quality.aldm.plausible",
+                        "quality.aldm.n"}
     assert any("aldm" in n and "unpaired" in n for n in notes) and any("gan set has 1 volume" in n for n in notes)
     assert not any("X9" in n for n in notes)  # notes name no case
     with pytest.raises(ValueError, match="image quality: the aldm set has volumes of shape"):

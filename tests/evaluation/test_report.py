@@ -179,7 +179,8 @@ def paired(a: str, b: str, mean: float, lo: float, hi: float) -> dict[str, float
 
 QUALITY = {"quality.real.ms_ssim_diversity": 0.40, "quality.real.n": 4, "quality.aldm.ssim": 0.62,
            "quality.aldm.mmd": 1.5, "quality.aldm.ms_ssim_diversity": 0.45, "quality.aldm.fd_rand_resnet10_2d": 0.12,
-           "quality.aldm.fd_rand_resnet10_3d": 0.3, "quality.aldm.n": 8, "quality.gan.ms_ssim_diversity": 0.7,
+           "quality.aldm.fd_rand_resnet10_3d": 0.3, "quality.aldm.plausible": 0.875, "quality.aldm.n": 8,
+           "quality.gan.ms_ssim_diversity": 0.7,
            "quality.gan.fd_rand_resnet10_2d": 0.5, "quality.gan.fd_rand_resnet10_3d": 0.9, "quality.gan.n": 8}
 
 
@@ -187,11 +188,13 @@ def test_image_quality_gets_its_own_section_and_json_group(tmp_path):
     paths = write_report(tmp_path, {"A": {**SITES["A"], **QUALITY}, "C": SITES["C"]}, title="t", context={})
     md = paths["md"].read_text()
     quality = table(md, "Image quality")
-    assert quality[0] == ["site", "set", "SSIM to host", "MMD", "MS-SSIM diversity", "FD 2D", "FD 3D", "n"]
-    assert quality[2:] == [["A", "real cases (reference)", "-", "-", "0.400", "-", "-", "4"],
-                           ["A", "ALDM synthetic", "0.620", "1.500", "0.450", "0.120", "0.300", "8"],
-                           ["A", "gan baseline synthetic", "-", "-", "0.700", "0.500", "0.900", "8"]]
+    assert quality[0] == ["site", "set", "SSIM to host", "MMD", "MS-SSIM diversity", "FD 2D", "FD 3D",
+                          "brain plausible", "n"]
+    assert quality[2:] == [["A", "real cases (reference)", "-", "-", "0.400", "-", "-", "-", "4"],
+                           ["A", "ALDM synthetic", "0.620", "1.500", "0.450", "0.120", "0.300", "0.875", "8"],
+                           ["A", "gan baseline synthetic", "-", "-", "0.700", "0.500", "0.900", "-", "8"]]
     assert "higher = closer to the host's anatomy" in md and "lower = more diverse" in md
+    assert "blotchy or uniformly grey brain fails" in md
     assert "equal n at the same site" in md
     assert "quality." not in md.split("## Image quality")[0]  # not Site work columns
     data = json.loads(paths["json"].read_text())

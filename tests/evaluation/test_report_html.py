@@ -246,16 +246,17 @@ def test_faithfulness_section_and_paired_differences_with_their_interval(run, tm
 def test_image_quality_section(run, tmp_path):
     quality = {"quality.real.ms_ssim_diversity": 0.4, "quality.real.n": 4, "quality.aldm.ssim": 0.62,
                "quality.aldm.mmd": 1.5, "quality.aldm.ms_ssim_diversity": 0.45, "quality.aldm.fd_rand_resnet10_2d": 0.12,
-               "quality.aldm.fd_rand_resnet10_3d": 0.3, "quality.aldm.n": 8}
+               "quality.aldm.fd_rand_resnet10_3d": 0.3, "quality.aldm.plausible": 1.0, "quality.aldm.n": 8}
     paths = write_report(tmp_path, {"A": {**run["metrics"], **quality}}, title="t", context={})
     sec = _sections(paths["html"].read_text())
     assert list(sec)[:2] == ["results", "quality"]
     assert "lower = more diverse" in sec["quality"]
     header = re.findall(r"<th>([^<]*)</th>", sec["quality"].split("<tbody>")[0])
-    assert header == ["site", "set", "SSIM to host", "MMD", "MS-SSIM diversity", "FD 2D", "FD 3D", "n"]
+    assert header == ["site", "set", "SSIM to host", "MMD", "MS-SSIM diversity", "FD 2D", "FD 3D",
+                      "brain plausible", "n"]
     rows = [re.findall(r"<td[^>]*>([^<]*)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", sec["quality"])][1:]
-    assert rows == [["A", "real cases (reference)", "-", "-", "0.400", "-", "-", "4"],
-                    ["A", "ALDM synthetic", "0.620", "1.500", "0.450", "0.120", "0.300", "8"]]
+    assert rows == [["A", "real cases (reference)", "-", "-", "0.400", "-", "-", "-", "4"],
+                    ["A", "ALDM synthetic", "0.620", "1.500", "0.450", "0.120", "0.300", "1.000", "8"]]
     assert "quality." not in sec["results"]
 
 

@@ -156,8 +156,9 @@ def test_image_quality_of_the_synthetic_set_against_its_hosts_is_shareable(site_
     quality = {k: v for k, v in metrics.items() if k.startswith("quality.")}
     assert set(quality) == {"quality.real.ms_ssim_diversity", "quality.real.n", "quality.aldm.ssim",
                             "quality.aldm.mmd", "quality.aldm.ms_ssim_diversity", "quality.aldm.fd_rand_resnet10_2d",
-                            "quality.aldm.fd_rand_resnet10_3d", "quality.aldm.n"}
+                            "quality.aldm.fd_rand_resnet10_3d", "quality.aldm.plausible", "quality.aldm.n"}
     assert (quality["quality.real.n"], quality["quality.aldm.n"]) == (2, 3)
+    assert quality["quality.aldm.plausible"] in (0.0, 1 / 3, 2 / 3, 1.0)  # a fraction of the 3 volumes
     # The fake set is its hosts flipped left-right: similar, but not a copy.
     assert 0.0 < quality["quality.aldm.ssim"] < 1.0
     assert quality["quality.aldm.fd_rand_resnet10_3d"] > 0.0

@@ -315,3 +315,14 @@ def test_synthesize_site_audits_its_volumes(root):
     assert summary.audit.reference_cases == cases(root, "C", "target")  # C has no source cases
     assert summary.to_dict()["audit"]["n_audited"] == 2 and "flagged" in summary.to_dict()["audit"]
     assert synthesize_site(cfg, progress=False).audit.reused  # nothing changed: read back
+
+    # benchmarks/plausibility.py reads the same folder: one row per volume, with its host's brain.
+    from benchmarks import plausibility
+
+    out = root / "plausibility.json"
+    result = plausibility.main([
+        "experiment=tiny", "device=cpu", f"paths.cohort={root / 'cohort'}", f"paths.cache={root / 'cache'}",
+        f"paths.runs={root / 'runs-gen'}", "--site", "C", "--out", str(out)])
+    assert [r["volume"] for r in result["rows"]] == summary.ids and result["real"]["n"] == 16
+    assert all(np.isfinite(r["excess"]) and len(r["mean"]) == 4 for r in result["rows"])
+    assert json.loads(out.read_text())["n_plausible"] == result["n_plausible"]

@@ -11,7 +11,10 @@ from one noise tensor (DDIM, deterministic): with its own mask and with the chan
 - Plausibility: per modality, the mean and std of each sample inside the brain outside that union
   lie within the real cases' range (every case of the cohort, same region), widened by a margin.
   NOT MET by the tiny model at this budget (strict xfail, see the test): its samples are
-  brain-sized blobs of about the right overall intensity without brain anatomy.
+  brain-sized blobs of about the right overall intensity without brain anatomy. The same chain
+  with `scheduler=rflow` (the demo's objective) came closer (sampled T1 0.34 against real
+  0.35-0.57) but still failed it, and its mask no longer steered locally at these steps (median
+  locality 1.06): so this test keeps tiny's epsilon objective (measured 2026-11-26).
 
 Thresholds come from measurements (see each constant); `test_the_locality_check_can_fail` shows
 that a pair differing for another reason than the mask (other noise, same mask) fails the check.
@@ -32,6 +35,7 @@ from aldm_fed.data.cache import CaseCache
 from aldm_fed.data.phantom import PhantomConfig, make_cohort
 from aldm_fed.data.volumes import load_split, site_manifests
 from aldm_fed.diffusion.pipeline import GenerativeModels, generate
+from aldm_fed.evaluation.plausibility import STAT_MARGIN, RealRange, brain_statistics
 from aldm_fed.synthesis.config import synthesis_config
 from aldm_fed.synthesis.run import sample_noise, sampling_settings
 from aldm_fed.training.artifacts import load_generative_models
@@ -49,9 +53,8 @@ SAMPLING_STEPS = 25
 # concatenated mask still on): 1.8-3.4, i.e. the concatenated mask alone already places the tumour.
 MIN_MEDIAN_LOCALITY = 2.0   # ~27 % under the measured medians, ~70 % over the other-noise one
 MIN_LOCALITY = 1.4          # every pair; ~20 % under the lowest measured pair
-# Plausibility: margin around the real cases' [min, max] of each statistic (intensities in [0, 1];
-# measured real brain means per modality 0.22-0.57, stds 0.09-0.23).
-STAT_MARGIN = 0.05
+# Plausibility: `aldm_fed.evaluation.plausibility` (margin STAT_MARGIN = 0.05 around the real cases'
+# [min, max] of each statistic; measured real brain means per modality 0.22-0.57, stds 0.09-0.23).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +72,6 @@ def locality_ratio(pair: Pair) -> float:
     """Mean |x_a - x_b| (over channels) inside `union` over the same in the brain outside it."""
     diff = np.abs(pair.samples[0] - pair.samples[1]).mean(0)
     return float(diff[pair.union].mean() / diff[pair.brain & ~pair.union].mean())
-
-
-def brain_stats(image: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """(C, 2): mean and std of each channel of `image` over `region`."""
-    return np.array([[image[c][region].mean(), image[c][region].std()] for c in range(image.shape[0])])
 
 
 def moved(seg: np.ndarray) -> np.ndarray:
@@ -116,12 +114,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 every += manifest.cases(split)
     cache = CaseCache(str(cfg.paths.cache))  # after preparing: the index lists every case
     f = int(models.vae_downsample)
-    real = []
-    for case_id in every:  # every case of the cohort: the range a plausible brain lies in
-        case = cache.load(case_id, mmap=False)
-        region = (case.brain > 0) & ~ndimage.binary_dilation(case.seg > 0, iterations=f)
-        real.append(brain_stats(case.image, region))
-    return {"models": models, "cache": cache, "cases": site_c, "real": np.stack(real), "factor": f}
+    # every case of the cohort: the range a plausible brain lies in
+    real = RealRange.from_cases(((c.image, c.brain > 0, c.seg) for c in map(cache.load, every)), dilate=f)
+    return {"models": models, "cache": cache, "cases": site_c, "real": real, "factor": f}
 
 
 @pytest.fixture(scope="module")
@@ -154,18 +149,17 @@ def test_changing_the_mask_changes_the_sample_inside_the_tumour_regions(pairs: l
     "0.19-0.23 vs real 0.35-0.57 (FLAIR 0.10-0.13 vs 0.32-0.55); 120 -> 500 backbone steps did not "
     "move it. Needs a much longer-trained backbone than fits this test's time"))
 def test_the_brain_outside_the_tumour_stays_plausible(pairs: list[Pair], trained: dict[str, Any]):
-    real = trained["real"]  # (cases, C, 2)
-    lo, hi = real.min(0) - STAT_MARGIN, real.max(0) + STAT_MARGIN
-    print("real mean/std range per modality:", np.stack([real.min(0), real.max(0)], -1).round(3).tolist())
+    real: RealRange = trained["real"]
+    print("real mean/std range per modality:", np.stack([real.lo, real.hi], -1).round(3).tolist())
     for p in pairs:
         for k in range(2):
-            got = brain_stats(p.samples[k], p.brain & ~p.union)
+            got = brain_statistics(p.samples[k], p.brain, p.union, dilate=0)  # union is dilated already
             print(p.case_id, p.change, k, got.round(3).tolist())
-            bad = np.argwhere((got < lo) | (got > hi))
-            assert not len(bad), (
+            bad = real.outside(got, STAT_MARGIN)
+            assert not bad, (
                 f"{p.case_id} ({p.change}, sample {k}): brain statistics outside the real range "
-                f"(+- {STAT_MARGIN}) at (modality, mean|std) {bad.tolist()}: got {got.round(3).tolist()}, "
-                f"real {lo.round(3).tolist()} .. {hi.round(3).tolist()}"
+                f"(+- {STAT_MARGIN}) at (modality, mean|std) {bad}: got {got.round(3).tolist()}, "
+                f"real {real.lo.round(3).tolist()} .. {real.hi.round(3).tolist()}"
             )
 
 

@@ -211,6 +211,23 @@ def test_generative_models_bundle_generates_volumes(pipeline: dict[str, Any]):
     assert load_generative_models(cfg).provenance["controlnet"]["kind"] == "source"
 
 
+def test_denoising_benchmark_reads_the_trained_run(pipeline: dict[str, Any], data_root: Path, tmp_path: Path):
+    """benchmarks/denoising.py on the tiny run: one row per noise level, the JSON written, and an
+    epsilon backbone's implied clean latent far worse at the noisiest level than at the cleanest."""
+    from benchmarks import denoising
+
+    overrides = ["experiment=tiny", "device=cpu", f"paths.cohort={data_root / 'cohort'}",
+                 f"paths.cache={data_root / 'cache'}", f"paths.runs={data_root / 'runs'}", *FAST]
+    out = tmp_path / "denoising.json"
+    result = denoising.main([*overrides, "--site", "C", "--n", "2", "--out", str(out)])
+    rows = result["rows"]
+    assert [r["t"] for r in rows] == sorted(r["t"] for r in rows) and len(rows) == len(denoising.LEVELS)
+    assert all(math.isfinite(r["relative_mse"]) and r["relative_mse"] > 0 for r in rows)
+    assert result["scheduler"]["prediction_type"] == "epsilon"
+    assert rows[-1]["relative_mse"] > 10 * rows[0]["relative_mse"]
+    assert json.loads(out.read_text())["rows"] == rows
+
+
 def test_rerunning_a_finished_stage_is_a_noop(pipeline: dict[str, Any]):
     cfg, layout = pipeline["cfg"], pipeline["layout"]
     log = layout.stage_dir("vae") / METRICS_FILE
