@@ -326,3 +326,8 @@ def test_synthesize_site_audits_its_volumes(root):
     assert [r["volume"] for r in result["rows"]] == summary.ids and result["real"]["n"] == 16
     assert all(np.isfinite(r["excess"]) and len(r["mean"]) == 4 for r in result["rows"])
     assert json.loads(out.read_text())["n_plausible"] == result["n_plausible"]
+    site = plausibility.main([
+        "experiment=tiny", "device=cpu", f"paths.cohort={root / 'cohort'}", f"paths.cache={root / 'cache'}",
+        f"paths.runs={root / 'runs-gen'}", "--site", "C", "--range", "site", "--reconstructions"])
+    n_target = len(cases(root, "C", "target"))
+    assert site["real"]["n"] == site["reconstructions"]["n"] == n_target and len(site["rows"]) == 2
