@@ -7,6 +7,8 @@
   tested on held-out real cases only.
 - `site`: every regime on one site's own cases from a composed config (`evaluate_site`, what
   `aldm-fed evaluate` and a federated site call); `SiteEvaluation.metrics()` is what may be shared.
+- `plausibility`: whether a synthetic brain's intensities outside the tumour lie in the range real
+  brains span (the report's "brain plausible").
 - `faithfulness`: a MONAI tumour segmenter trained on real target cases; its Dice on synthetic
   volumes against their conditioning masks beside its Dice on real test cases
   (`faithfulness_metrics` gives the shareable numbers).

@@ -12,9 +12,9 @@ from one noise tensor (DDIM, deterministic): with its own mask and with the chan
   lie within the real cases' range (every case of the cohort, same region), widened by a margin.
   NOT MET by the tiny model at this budget (strict xfail, see the test): its samples are
   brain-sized blobs of about the right overall intensity without brain anatomy. The same chain
-  with `scheduler=rflow` (the demo's objective) came closer (sampled T1 0.34 against real
-  0.35-0.57) but still failed it, and its mask no longer steered locally at these steps (median
-  locality 1.06): so this test keeps tiny's epsilon objective (measured 2026-11-26).
+  with `scheduler=rflow` came closer (sampled T1 0.34 against real 0.35-0.57) but still failed it,
+  and its mask no longer steered locally at these steps (median locality 1.06): so this test keeps
+  tiny's epsilon objective (measured 2026-11-26).
 
 Thresholds come from measurements (see each constant); `test_the_locality_check_can_fail` shows
 that a pair differing for another reason than the mask (other noise, same mask) fails the check.
