@@ -110,13 +110,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sched = models.scheduler_cfg
     kind = "rflow velocity" if sched.get("name") == "rflow" else str(sched.get("prediction_type"))
     print(f"backbone trained as {sched.get('name')} ({kind}); ControlNet: "
-          f"{models.provenance.get('controlnet', {}).get('kind', '?')}; {len(cases)} {args.split} cases of site {args.site}")
+          f"{models.provenance.get('controlnet', {}).get('kind', '?')}; "
+          f"{len(cases)} {args.split} cases of site {args.site}")
     print("noise level (t)    " + "  ".join(f"{r['t']:>6d}" for r in rows))
     print("relative x0 MSE    " + "  ".join(f"{r['relative_mse']:6.3f}" for r in rows), flush=True)
     result = {
         "benchmark": "clean-latent error per noise level",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": setup.description, "site": args.site, "split": args.split, "cases": cases, "overrides": args.overrides,
+        "device": setup.description, "site": args.site, "split": args.split, "cases": cases,
+        "overrides": args.overrides,
         "scheduler": dict(sched), "rows": rows,
     }
     if args.out:

@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with torch.no_grad():
                 z_mu, _ = vae.encode(torch.from_numpy(case.image)[None])
                 recon = vae.decode(z_mu)[0].float().numpy()
-            recon_rows.append(_check(f"VAE({case_id})", case_id, brain_statistics(recon, case.brain > 0, case.seg, dilate),
-                                     real, args.margin))
+            stats = brain_statistics(recon, case.brain > 0, case.seg, dilate)
+            recon_rows.append(_check(f"VAE({case_id})", case_id, stats, real, args.margin))
         _summary("VAE reconstructions of the site's target cases", recon_rows, args.margin)
 
     result = {

@@ -109,7 +109,12 @@ def site_image_quality(
         notes.append(f"image quality: volumes of {shape[1:]} are below {MIN_SIZE} voxels per side; not measured")
         return out
     real_stack = _stack(real)
-    real_range = RealRange.from_cases(((np.asarray(it.image), _brain(it), _seg(it)) for it in real), dilate)
+    try:
+        real_range: RealRange | None = RealRange.from_cases(
+            ((np.asarray(it.image), _brain(it), _seg(it)) for it in real), dilate)
+    except ValueError:
+        real_range = None
+        notes.append("image quality: no real case has brain outside its tumour; brain plausibility not measured")
     if len(real) >= 2:
         out |= _named(REAL, {"ms_ssim_diversity": ms_ssim_diversity(real_stack)}, ("ms_ssim_diversity",), len(real))
     for name, items in sets.items():
@@ -126,8 +131,11 @@ def site_image_quality(
                          "measured unpaired (no SSIM / MMD)")
         reference = _stack([real_items_by_case[h] for h in hosts]) if paired else real_stack
         values = image_quality_metrics(reference, _stack(items), paired=paired, seed=seed)
-        brains = [_brain(real_items_by_case[h]) if paired else _brain(it) for it, h in zip(items, hosts, strict=True)]
-        values["plausible"] = float(np.mean([_plausible(it, b, real_range, dilate) for it, b in zip(items, brains, strict=True)]))
+        if real_range is not None:  # each volume in its host's brain (unpaired: its own non-zero voxels)
+            brains = [_brain(real_items_by_case[h]) if paired else _brain(it)
+                      for it, h in zip(items, hosts, strict=True)]
+            values["plausible"] = float(np.mean([_plausible(it, b, real_range, dilate)
+                                                 for it, b in zip(items, brains, strict=True)]))
         out |= _named(name, values, QUALITY_NUMBERS[:-1], len(items))
     return out
 

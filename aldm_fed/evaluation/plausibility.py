@@ -62,14 +62,16 @@ class RealRange:
 
     @classmethod
     def from_cases(cls, cases: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], dilate: int) -> RealRange:
-        """From (image, brain, seg) triples of real cases.
+        """From (image, brain, seg) triples of real cases; a case whose tumour (dilated) covers its
+        whole brain has nothing to measure and is left out.
 
         Raises:
-            ValueError: no case given.
+            ValueError: no case with brain outside its tumour.
         """
-        stats = [brain_statistics(image, brain, seg, dilate) for image, brain, seg in cases]
+        stats = [brain_statistics(image, brain, seg, dilate) for image, brain, seg in cases
+                 if outside_tumour(brain, seg, dilate).any()]
         if not stats:
-            raise ValueError("RealRange.from_cases: no real case given")
+            raise ValueError("RealRange.from_cases: no real case with brain voxels outside its tumour")
         s = np.stack(stats)
         return cls(lo=s.min(0), hi=s.max(0), n_cases=len(stats))
 

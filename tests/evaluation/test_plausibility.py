@@ -61,3 +61,6 @@ def test_no_brain_left_is_an_error():
         brain_statistics(image, brain, brain.astype(np.uint8), dilate=0)
     with pytest.raises(ValueError, match="no real case"):
         RealRange.from_cases([], dilate=1)
+    # a real case that is all tumour is left out of the range, not an error
+    real = RealRange.from_cases([case(0), (image, brain, brain.astype(np.uint8))], dilate=0)
+    assert real.n_cases == 1
