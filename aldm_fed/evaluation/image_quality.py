@@ -111,7 +111,7 @@ def site_image_quality(
     real_stack = _stack(real)
     try:
         real_range: RealRange | None = RealRange.from_cases(
-            ((np.asarray(it.image), _brain(it), _seg(it)) for it in real), dilate)
+            ((np.asarray(it.image), it.brain_mask(), _seg(it)) for it in real), dilate)
     except ValueError:
         real_range = None
         notes.append("image quality: no real case has brain outside its tumour; brain plausibility not measured")
@@ -132,18 +132,12 @@ def site_image_quality(
         reference = _stack([real_items_by_case[h] for h in hosts]) if paired else real_stack
         values = image_quality_metrics(reference, _stack(items), paired=paired, seed=seed)
         if real_range is not None:  # each volume in its host's brain (unpaired: its own non-zero voxels)
-            brains = [_brain(real_items_by_case[h]) if paired else _brain(it)
+            brains = [real_items_by_case[h].brain_mask() if paired else it.brain_mask()
                       for it, h in zip(items, hosts, strict=True)]
             values["plausible"] = float(np.mean([_plausible(it, b, real_range, dilate)
                                                  for it, b in zip(items, brains, strict=True)]))
         out |= _named(name, values, QUALITY_NUMBERS[:-1], len(items))
     return out
-
-
-def _brain(item: CaseItem) -> np.ndarray:
-    if item.brain is not None:
-        return np.asarray(item.brain) > 0
-    return (np.asarray(item.image) > 0).any(0)
 
 
 def _seg(item: CaseItem) -> np.ndarray:
