@@ -102,12 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     recon_rows: list[dict[str, Any]] = []
     if args.reconstructions:
         vae = load_generative_models(cfg, args.site).vae  # the weights synthesis decodes with
-        load_split(cfg, "target", sites=[args.site], progress=False)
-        for case_id in manifests[args.site][1].cases("target"):
+        for case_id in manifests[args.site][1].cases("target"):  # prepared above, with the range's cases
             case = cache.load(case_id, mmap=False)
             with torch.no_grad():
-                z_mu, _ = vae.encode(torch.from_numpy(case.image)[None])
-                recon = vae.decode(z_mu)[0].float().numpy()
+                recon = vae.reconstruct(torch.from_numpy(case.image)[None])[0].float().numpy()  # posterior mean
             stats = brain_statistics(recon, case.brain > 0, case.seg, dilate)
             recon_rows.append(_check(f"VAE({case_id})", case_id, stats, real, args.margin))
         _summary("VAE reconstructions of the site's target cases", recon_rows, args.margin)
