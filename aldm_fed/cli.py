@@ -614,6 +614,9 @@ def main(argv: list[str] | None = None) -> None:
             message = str(exc) if not name or str(name) in str(exc) else f"{name}: {exc}"
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except FloatingPointError as exc:  # training.numerics.NonFiniteError: names stage, step, override
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

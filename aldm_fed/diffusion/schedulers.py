@@ -485,8 +485,23 @@ def scheduler_step(
         generator: random generator (DDPM noise, DDIM with eta > 0).
 
     Returns:
-        The latent at `next_timestep`.
+        The latent at `next_timestep`, in fp32.
     """
+    # Always fp32, whatever autocast the caller runs under: the step mixes the sample and the
+    # prediction with coefficients near 0 and 1, where bf16's 8-bit mantissa would be the error.
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    with torch.autocast(sample.device.type, enabled=False):
+        return _step(scheduler, model_output.to(dtype), timestep, next_timestep, sample.to(dtype), generator)
+
+
+def _step(
+    scheduler: Scheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    next_timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     if _is_rflow(scheduler):
         rf: RFlowScheduler = scheduler  # type: ignore[assignment]
         return rf.step(model_output, timestep, sample, next_timestep=next_timestep)[0]

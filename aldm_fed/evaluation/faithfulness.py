@@ -365,7 +365,8 @@ def train_segmenter(
     loop_cfg = LoopConfig(max_steps=t.steps, ckpt_every=t.ckpt_every or t.steps, keep_last=1, seed=int(seed),
                           progress=t.progress, log_every=t.log_every)
     result = run_loop(run_dir, loop_cfg, modules={"segmenter": model}, step_fn=step_fn, optimizers=optimizers,
-                      config=identity, meta={"stage": "segmenter"}, overwrite=overwrite, generator_device="cpu")
+                      config=identity, meta={"stage": "segmenter"}, overwrite=overwrite, generator_device="cpu",
+                      setup=setup)
     model.eval()
     return TrainedSegmenter(model=model, loop=result, device=setup)
 

@@ -344,7 +344,15 @@ def synthesize(
                 generator=generator,
                 noise=noise.to(device=device, dtype=param.dtype),
             )
+            low = torch.is_autocast_enabled(device.type)
             images = images.detach().float().cpu().numpy()
+            if not np.isfinite(images).all():  # before anything of the batch is written
+                raise SynthesisError(
+                    f"synthetic case(s) {[ids[i] for i in batch]}: the generated volume holds NaN or inf "
+                    + (f"under {torch.get_autocast_dtype(device.type)} autocast; nothing of this batch was "
+                       "written; rerun with device.precision=fp32 to avoid it" if low else
+                       "in fp32; nothing of this batch was written; the generative models' weights may be damaged")
+                )
             if images.shape[1] != len(modalities):
                 raise SynthesisError(
                     f"the model generated {images.shape[1]} channels but lists modalities {modalities}"

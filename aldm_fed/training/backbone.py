@@ -326,7 +326,7 @@ def train_backbone(
     result = run_loop(
         run_dir, loop, modules=modules, step_fn=step_fn, optimizers=optimizers, config=config,
         meta={"stage": "backbone", "scale_factor": scale_factor}, ema_modules=ema_names,
-        overwrite=overwrite, generator_device=setup.device,
+        overwrite=overwrite, generator_device=setup.device, setup=setup,
     )
     done = existing_result("backbone", run_dir, result, loop)
     if done is not None:

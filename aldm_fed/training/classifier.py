@@ -316,6 +316,7 @@ def train_classifier(
         meta={"stage": "classifier"},
         overwrite=overwrite,
         generator_device="cpu",
+        setup=setup,
     )
     model.eval()
     return TrainedClassifier(model=model, loop=result, device=setup, class_weights=(w0, w1))

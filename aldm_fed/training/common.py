@@ -10,12 +10,13 @@
   the sha256 of their weights only (`artifacts.checkpoint_identity`), never a path, and the
   scheduler without its sampling-only keys (`scheduler_identity`).
 - `optimizer_step`: backward (through a GradScaler only for fp16 on CUDA), optional gradient
-  clipping, step.
+  clipping, step; a non-finite loss or gradient raises `NonFiniteError` before the step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from aldm_fed.checkpoints import plain_config
 from aldm_fed.models._cfg import as_plain_dict, check_keys, get_bool, get_float, get_int
 from aldm_fed.training.device import DeviceSetup, resolve_device
 from aldm_fed.training.loop import LoopConfig
+from aldm_fed.training.numerics import NonFiniteError, check_gradients, check_loss
 from aldm_fed.training.optim import adam_optimizer
 
 __all__ = [
@@ -277,13 +279,22 @@ def optimizer_step(
 
     Returns:
         The gradient norm before clipping, when clipping.
+
+    Raises:
+        NonFiniteError: the loss, or (without a GradScaler, which skips such steps itself) the
+            gradients, are NaN or infinite; the optimizer has not stepped.
     """
+    check_loss(loss)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     norm = None
     if grad_clip is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        if not scaler.is_enabled() and not math.isfinite(norm):
+            raise NonFiniteError("gradient norm", norm)
+    elif not scaler.is_enabled():
+        check_gradients(params)
     scaler.step(optimizer)
     if update:
         scaler.update()

@@ -175,7 +175,7 @@ def train_controlnet(
         run_dir, loop, modules=modules, step_fn=step_fn, optimizers=optimizers, config=config,
         meta={"stage": "controlnet", "site": site, "scale_factor": scale_factor},
         ema_modules=["controlnet"] if loop.ema_decay is not None else [],
-        overwrite=overwrite, generator_device=setup.device,
+        overwrite=overwrite, generator_device=setup.device, setup=setup,
     )
     done = existing_result("controlnet", run_dir, result, loop, site=site)
     if done is not None:

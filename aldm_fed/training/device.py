@@ -8,6 +8,11 @@ so "auto" means the same thing everywhere:
   measured on our 2-core machines it roughly halves step time at 1-3 % relative error
   (docs in /work/shared/notes/monai-generative.md). Without native support bf16 is emulated and
   slower than fp32, so "auto" stays fp32 there.
+
+A precision chosen by "auto" is a guess about this machine, so it is allowed to fail safely: when
+a training step goes non-finite under it, `run_loop` calls `fall_back_to_fp32` and this process
+runs in fp32 from then on (`autocast_context` and `resolve_device` both honour it). An explicitly
+asked-for precision is never changed behind the user's back; the stage stops instead.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ __all__ = [
     "available_cpus",
     "configure_threads",
     "cpu_has_native_bf16",
+    "fall_back_to_fp32",
+    "fell_back_to_fp32",
     "make_grad_scaler",
     "measure_autocast_gain",
     "resolve_device",
@@ -40,6 +47,9 @@ CHANNELS_LAST = ("auto", "true", "false")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags that mean bf16 matmuls run in hardware (x86: AMX or AVX512-BF16; ARM: bf16).
 _NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
+# Set once a step went non-finite under a precision that "auto" chose (`fall_back_to_fp32`):
+# the reason, for the log. Per process: every Flower ClientApp actor and CLI run learns it alone.
+_auto_fp32_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,8 @@ class DeviceSetup:
         description: one human-readable line for logs, e.g. "cpu, bf16 autocast (native bf16)".
         channels_last: train the 3D generative networks in `torch.channels_last_3d` memory
             format (`training_layout`).
+        auto_precision: the precision was chosen by "auto" (so `fall_back_to_fp32` may override
+            it), not asked for.
     """
 
     device: torch.device
@@ -60,11 +72,46 @@ class DeviceSetup:
     use_grad_scaler: bool
     description: str
     channels_last: bool = False
+    auto_precision: bool = False
 
     @property
     def precision(self) -> str:
-        """"fp32", "bf16" or "fp16" (the resolved value, never "auto")."""
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+        """"fp32", "bf16" or "fp16": what steps run in now (never "auto"; fp32 after a fallback)."""
+        if self.autocast_dtype is None or self.fell_back:
+            return "fp32"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+
+    @property
+    def fell_back(self) -> bool:
+        """True when "auto" chose a low precision that this process has since given up."""
+        return self.auto_precision and self.autocast_dtype is not None and _auto_fp32_reason is not None
+
+
+def fall_back_to_fp32(reason: str) -> bool:
+    """Make every "auto" precision of this process fp32 from now on.
+
+    Args:
+        reason: one line for the log (stage, step, what went non-finite).
+
+    Returns:
+        True the first time (the caller logs it), False when the process had already fallen back.
+    """
+    global _auto_fp32_reason
+    if _auto_fp32_reason is not None:
+        return False
+    _auto_fp32_reason = reason
+    return True
+
+
+def fell_back_to_fp32() -> str | None:
+    """Why this process fell back to fp32 (`fall_back_to_fp32`), or None when it has not."""
+    return _auto_fp32_reason
+
+
+def _reset_fallback() -> None:
+    # Tests only: forget an earlier fallback of this process.
+    global _auto_fp32_reason
+    _auto_fp32_reason = None
 
 
 def cpu_has_native_bf16(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> bool:
@@ -122,8 +169,11 @@ def resolve_device(spec: str = "auto", precision: str = "auto", channels_last: s
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
         bf16_ok = torch.cuda.is_bf16_supported()
-        if precision == "auto":
+        auto = precision == "auto"
+        if auto:
             precision = "bf16" if bf16_ok else "fp16"
+            if _auto_fp32_reason is not None:
+                precision = "fp32"
         if precision == "bf16" and not bf16_ok:
             raise ValueError(f"precision 'bf16' asked for, but {spec} lacks bf16; use fp16")
         name = torch.cuda.get_device_name(device)
@@ -133,6 +183,7 @@ def resolve_device(spec: str = "auto", precision: str = "auto", channels_last: s
             use_grad_scaler=precision == "fp16",  # fp16's small range needs loss scaling
             description=f"{device} ({name}), {_describe(precision)}",
             channels_last=channels_last == "true",
+            auto_precision=auto,
         )
 
     if precision == "fp16":
@@ -141,9 +192,12 @@ def resolve_device(spec: str = "auto", precision: str = "auto", channels_last: s
             "GradScaler); use 'bf16' (fast where the CPU has native bf16) or 'fp32'"
         )
     native = cpu_has_native_bf16()
-    if precision == "auto":
-        precision = "bf16" if native else "fp32"
+    auto = precision == "auto"
     note = ""
+    if auto:
+        precision = "bf16" if native else "fp32"
+        if precision == "bf16" and _auto_fp32_reason is not None:
+            precision, note = "fp32", " (auto fell back from bf16 after a non-finite step)"
     if precision == "bf16":
         note = " (native bf16)" if native else " (emulated bf16: likely slower than fp32)"
     return DeviceSetup(
@@ -152,6 +206,7 @@ def resolve_device(spec: str = "auto", precision: str = "auto", channels_last: s
         use_grad_scaler=False,
         description=f"cpu, {_describe(precision)}{note}, {torch.get_num_threads()} threads",
         channels_last=channels_last in ("auto", "true"),
+        auto_precision=auto,
     )
 
 
@@ -165,7 +220,7 @@ def autocast_context(setup: DeviceSetup | None) -> contextlib.AbstractContextMan
     Args:
         setup: from `resolve_device`; None = plain fp32 (a no-op).
     """
-    if setup is None or setup.autocast_dtype is None:
+    if setup is None or setup.autocast_dtype is None or setup.fell_back:
         return contextlib.nullcontext()
     return torch.autocast(device_type=setup.device.type, dtype=setup.autocast_dtype)
 

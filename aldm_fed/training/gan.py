@@ -50,6 +50,7 @@ from aldm_fed.training.common import (
 )
 from aldm_fed.training.device import autocast_context, make_grad_scaler
 from aldm_fed.training.loop import batch_indices, run_loop
+from aldm_fed.training.numerics import after_an_update
 from aldm_fed.training.optim import adam_optimizer
 
 __all__ = ["ADV_CRITERIA", "GAN_DEFAULTS", "gan_section", "load_gan_generator", "train_gan"]
@@ -226,13 +227,14 @@ def train_gan(
                 adv_loss(d_fake.float(), target_is_real=False, for_discriminator=True)
                 + adv_loss(d_real.float(), target_is_real=True, for_discriminator=True)
             )
-            optimizer_step(d_loss, opt_d, d_params, scaler, clip)
+            with after_an_update():
+                optimizer_step(d_loss, opt_d, d_params, scaler, clip)
             metrics["adv_d"] = float(d_loss.detach())
         return {"loss": float(loss.detach()), **metrics}
 
     # 6. The loop (resume, checkpoints, metrics.jsonl).
     result = run_loop(run_dir, loop, modules=modules, step_fn=step_fn, optimizers=optimizers, config=config,
-                      meta=meta, overwrite=overwrite, generator_device=setup.device)
+                      meta=meta, overwrite=overwrite, generator_device=setup.device, setup=setup)
     done = existing_result("gan", run_dir, result, loop, site=site)
     if done is not None:
         return done

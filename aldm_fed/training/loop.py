@@ -13,6 +13,10 @@ the rest, the same way for every stage:
 5. Every `ckpt_every` steps and at the end: a checkpoint, the `latest` pointer, prune to
    `keep_last`.
 6. Ctrl-C finishes the current step, writes a checkpoint, then raises KeyboardInterrupt.
+7. A step whose loss or gradients go non-finite (`numerics.NonFiniteError`, raised before the
+   optimizer steps) stops the stage with one line naming stage, step and precision, so nothing
+   non-finite is checkpointed or sent; when "auto" chose that precision, the step is redone in
+   fp32 instead (`device.fall_back_to_fp32`).
 
 Run directory:
 
@@ -72,7 +76,9 @@ from aldm_fed.checkpoints import (
     save_checkpoint,
 )
 from aldm_fed.io import atomic_write_json, atomic_write_text
+from aldm_fed.training.device import DeviceSetup, fall_back_to_fp32
 from aldm_fed.training.ema import EMA
+from aldm_fed.training.numerics import NonFiniteError, nonfinite_parameters
 from aldm_fed.training.optim import match_state_layout
 
 __all__ = [
@@ -270,6 +276,7 @@ def run_loop(
     ema_modules: Sequence[str] = (),
     overwrite: bool = False,
     generator_device: str | torch.device = "cpu",
+    setup: DeviceSetup | None = None,
 ) -> LoopResult:
     """Run (or resume) a training run in `run_dir` up to `cfg.max_steps` steps.
 
@@ -289,10 +296,14 @@ def run_loop(
         ema_modules: names in `modules` that get an EMA copy when `cfg.ema_decay` is set.
         overwrite: discard any run already in `run_dir` and start at step 0.
         generator_device: device of the per-step generator passed to `step_fn`.
+        setup: the device setup `step_fn` autocasts with: named in the non-finite error, and,
+            when its precision was chosen by "auto", what falls back to fp32.
 
     Raises:
         ValueError: bad names, `run_dir` holds a different config, or a resumed run is past
             `max_steps`.
+        NonFiniteError: a step's loss or gradients went non-finite (message: stage, step,
+            precision, the override that avoids it); the last checkpoint is the one before.
         KeyboardInterrupt: after Ctrl-C, once the current step is finished and checkpointed.
     """
     run_dir = Path(run_dir)
@@ -373,12 +384,9 @@ def run_loop(
     with interrupt, open(metrics_path, "a", encoding="utf-8") as metrics_log:
         try:
             for step in range(start, cfg.max_steps):
-                # Modules that use the global RNG (dropout) repeat too; a different seed from the
-                # generator's so the two streams are not the same random numbers.
-                torch.manual_seed(_mix("aldm-fed/global", cfg.seed, step))
-                generator = torch.Generator(device=generator_device)
-                generator.manual_seed(step_seed(cfg.seed, step))
-                last_metrics = _as_floats(step_fn(step, generator), step)
+                last_metrics = _guarded_step(
+                    step_fn, step, cfg.seed, generator_device, setup, modules, _where(user_meta, run_dir)
+                )
                 for name, ema in emas.items():
                     ema.update(modules[name])
                 done = step + 1
@@ -402,6 +410,72 @@ def run_loop(
         checkpoint=ckpt_path,
         ema={n: e.module for n, e in emas.items()},
         resumed_from=start,
+    )
+
+
+def _where(meta: Mapping[str, Any], run_dir: Path) -> str:
+    """How the error line names the run: "<stage> (<run_dir>)"."""
+    stage = meta.get("stage")
+    return f"{stage} ({run_dir})" if stage else str(run_dir)
+
+
+def _seeded_step(step_fn: StepFn, step: int, seed: int, generator_device: str | torch.device) -> dict[str, float]:
+    # Modules that use the global RNG (dropout) repeat too; a different seed from the
+    # generator's so the two streams are not the same random numbers.
+    torch.manual_seed(_mix("aldm-fed/global", seed, step))
+    generator = torch.Generator(device=generator_device)
+    generator.manual_seed(step_seed(seed, step))
+    return _as_floats(step_fn(step, generator), step)
+
+
+def _guarded_step(
+    step_fn: StepFn,
+    step: int,
+    seed: int,
+    generator_device: str | torch.device,
+    setup: DeviceSetup | None,
+    modules: Mapping[str, nn.Module],
+    where: str,
+) -> dict[str, float]:
+    """One step; a non-finite one is redone in fp32 (auto precision) or stops the stage."""
+    try:
+        return _checked_step(step_fn, step, seed, generator_device)
+    except NonFiniteError as exc:
+        precision = setup.precision if setup is not None else "fp32"
+        line = _nonfinite_line(exc, where, step, precision, modules)
+        if setup is None or not setup.auto_precision or precision == "fp32" or exc.applied:
+            raise _stop(exc, line, precision) from None
+    # "auto" chose the low precision, and nothing was applied (`optimizer_step` raises before
+    # stepping): take the same step again, with the same seeds, in fp32.
+    if fall_back_to_fp32(line):
+        log.warning("%s; device.precision=auto falls back to fp32 for the rest of this process "
+                    "(set device.precision=fp32 to start there)", line)
+    try:
+        return _checked_step(step_fn, step, seed, generator_device)
+    except NonFiniteError as exc:
+        raise _stop(exc, _nonfinite_line(exc, where, step, "fp32", modules), "fp32") from None
+
+
+def _checked_step(step_fn: StepFn, step: int, seed: int, generator_device: str | torch.device) -> dict[str, float]:
+    metrics = _seeded_step(step_fn, step, seed, generator_device)
+    # A step_fn that steps its optimizer without `optimizer_step` is caught here, after the fact.
+    loss = metrics.get("loss")
+    if loss is not None and not np.isfinite(loss):
+        raise NonFiniteError("reported loss", loss, applied=True)
+    return metrics
+
+
+def _nonfinite_line(exc: NonFiniteError, where: str, step: int, precision: str, modules: Mapping[str, nn.Module]) -> str:
+    words = "fp32" if precision == "fp32" else f"{precision} autocast"
+    damage = nonfinite_parameters(modules)
+    return f"stage {where}, step {step}: {exc} under {words}" + (f"; {damage}" if damage else "")
+
+
+def _stop(exc: NonFiniteError, line: str, precision: str) -> NonFiniteError:
+    fix = "device.precision=fp32" if precision != "fp32" else "a lower train.<stage>.lr or a grad_clip"
+    return NonFiniteError(
+        exc.quantity, exc.value, f"{line}; nothing from this step was saved; rerun with {fix} to avoid it",
+        applied=exc.applied,
     )
 
 

@@ -63,6 +63,7 @@ from aldm_fed.training.common import (
 )
 from aldm_fed.training.device import DeviceSetup, autocast_context, make_grad_scaler, training_layout
 from aldm_fed.training.loop import batch_indices, run_loop
+from aldm_fed.training.numerics import after_an_update
 
 __all__ = [
     "VAE_DEFAULTS",
@@ -381,7 +382,8 @@ def train_vae(
                 adv_loss(fake.float(), target_is_real=False, for_discriminator=True)
                 + adv_loss(real.float(), target_is_real=True, for_discriminator=True)
             )
-            optimizer_step(d_loss, opt_disc, list(disc.parameters()), scaler, optim.grad_clip)
+            with after_an_update():
+                optimizer_step(d_loss, opt_disc, list(disc.parameters()), scaler, optim.grad_clip)
             metrics["adv_d"] = float(d_loss.detach())
         return {"loss": float(loss.detach()), **metrics}
 
@@ -390,7 +392,7 @@ def train_vae(
         run_dir, loop,
         modules=modules, step_fn=step_fn, optimizers=optimizers, config=config, meta=meta,
         ema_modules=["vae"] if loop.ema_decay is not None else [],
-        overwrite=overwrite, generator_device=setup.device,
+        overwrite=overwrite, generator_device=setup.device, setup=setup,
     )
 
     # 7. Already finished earlier: report the existing result.

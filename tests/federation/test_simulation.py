@@ -30,7 +30,7 @@ from aldm_fed.federation.simulation import simulate
 pytestmark = pytest.mark.slow  # Flower's simulation engine (Ray)
 
 TINY_FED = [
-    "experiment=tiny", "device=cpu",
+    "experiment=tiny",  # the default device (auto): what users get
     "fed.phases.vae.rounds=1", "fed.phases.vae.local_steps=2",
     "fed.phases.backbone.rounds=1", "fed.phases.backbone.local_steps=2",
     "train.controlnet.max_steps=2", "train.controlnet.ckpt_every=2", "synthesis=tiny",
