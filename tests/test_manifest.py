@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+import zlib
 from collections import Counter
 
 import pytest
 
-from aldm_fed.data.manifest import ManifestError, make_manifest, read_manifest, write_manifest
+from aldm_fed.data.manifest import ManifestError, _stratified_order, make_manifest, read_manifest, write_manifest
+from aldm_fed.data.patients import patient_id
 
 
 def _cohort(n: int = 30) -> tuple[list[str], dict[str, dict[str, str]]]:
@@ -82,3 +84,34 @@ def test_written_manifest_is_plain_json(tmp_path):
     path = write_manifest(make_manifest("C", ids, k=3), tmp_path / "C.json")
     raw = json.loads(path.read_text())
     assert raw["site"] == "C" and raw["k"] == 3 and len(raw["splits"]["target"]) == 3
+
+
+def test_follow_up_scans_of_a_patient_stay_in_one_split():
+    """BraTS 2023 ids carry a timepoint (`-000`, `-001`): a patient's scans never straddle two splits."""
+    ids = [f"BraTS-GLI-{p:05d}-{t:03d}" for p in range(20) for t in range(2 if p % 4 == 0 else 1)]
+    assert len(ids) == 25
+    for seed in range(5):
+        m = make_manifest("A", ids, k=6, n_source=5, n_test=10, seed=seed)
+        sizes = [len(m.cases(s)) for s in ("target", "source", "test")]
+        assert sizes == [6, 5, 10]
+        where = {}
+        for split in ("target", "source", "test"):
+            for case in m.cases(split):
+                where.setdefault(patient_id(case), set()).add(split)
+        assert all(len(splits) == 1 for splits in where.values()), where
+
+
+def test_one_scan_per_patient_splits_as_plain_cuts_of_the_order():
+    # With one scan per patient nothing moves: the splits are cuts of the stratified order, as they
+    # were before splits went by patient (existing cohorts' manifests are drawn the same).
+    ids, labels = _cohort()
+    m = make_manifest("A", ids, k=8, n_source=10, n_test=7, labels=labels, label_column="grade", seed=3)
+    order = _stratified_order(sorted(ids), labels, "grade", seed=3 ^ zlib.crc32(b"A"))
+    assert m.splits == {"target": sorted(order[:8]), "source": sorted(order[8:18]), "test": sorted(order[18:25])}
+
+
+def test_patient_ids():
+    assert patient_id("BraTS-GLI-00124-000") == patient_id("BraTS-GLI-00124-001") == "BraTS-GLI-00124"
+    assert patient_id("BraTS-MEN-00003-002") == "BraTS-MEN-00003"
+    for plain in ("BraTS2021_00124", "A-0003", "BraTS-GLI-00124", "BraTS-GLI-00124-0001"):
+        assert patient_id(plain) == plain

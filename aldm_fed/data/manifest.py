@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from aldm_fed.data.patients import patients_of
 from aldm_fed.io import atomic_write_json
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
 
 MANIFEST_VERSION = 1
 SPLITS: tuple[str, ...] = ("source", "target", "test")
+SPLITS_ORDER: tuple[str, ...] = ("target", "source", "test")  # the order `make_manifest` fills them
 
 
 class ManifestError(ValueError):
@@ -131,7 +133,8 @@ def make_manifest(
     """Draw deterministic, label-stratified splits for one site.
 
     Target (the K few-shot cases) is drawn first, then source, then test (all remaining cases when
-    `n_test` is None).
+    `n_test` is None). Every scan of one patient (BraTS 2023 follow-ups, `data.patients`) lands in
+    the same split.
 
     Args:
         site: site name.
@@ -164,10 +167,7 @@ def make_manifest(
         if len(missing) == len(ids):
             raise ValueError(f"site {site!r}: no case has label column {label_column!r}")
     order = _stratified_order(ids, labels, label_column, seed=seed ^ zlib.crc32(site.encode()))
-    target = order[:k]
-    source = order[k : k + n_source]
-    rest = order[k + n_source :]
-    test = rest if n_test is None else rest[:n_test]
+    target, source, test = _fill_by_patient(order, [k, n_source, n_test], site)
     return SiteManifest(
         site=site,
         data_root=data_root,
@@ -177,6 +177,28 @@ def make_manifest(
         k=k,
         label_column=label_column,
     )
+
+
+def _fill_by_patient(order: list[str], quotas: list[int | None], site: str) -> list[list[str]]:
+    """Fill the splits in turn (target, source, test) with whole patients, in the order of their
+    first case: all scans of a patient (BraTS 2023 follow-ups) land in one split, so none leaks from
+    training into test. With one scan per patient this is `order` cut at the quotas. A quota of
+    None takes every patient left; a patient too large for what is left of a split goes to the next.
+    """
+    splits: list[list[str]] = [[] for _ in quotas]
+    pending = list(patients_of(order).values())
+    for i, quota in enumerate(quotas):
+        left: list[list[str]] = []
+        for scans in pending:
+            if quota is None or len(splits[i]) + len(scans) <= quota:
+                splits[i].extend(scans)
+            else:
+                left.append(scans)
+        pending = left
+        if quota is not None and len(splits[i]) < quota:
+            raise ValueError(f"site {site!r}: cannot fill split {SPLITS_ORDER[i]!r} with exactly {quota} cases of "
+                             "whole patients (a patient's scans stay in one split); change its size by one")
+    return splits
 
 
 def _stratified_order(

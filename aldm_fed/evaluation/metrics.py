@@ -2,10 +2,15 @@
 
 Classification (scikit-learn): ROC AUC on the scores, balanced accuracy and F1 (positive class 1)
 on `score >= threshold` (0.5 by default: the scores are sigmoid probabilities). Confidence
-intervals come from a **patient-level** bootstrap: each resample draws patients with
-replacement and takes all their samples (slices) along, because slices of one patient are not
-independent; resampling slices would give intervals that are too narrow. Resamples holding one
-class only (AUC undefined) are dropped for every metric, and their count is reported.
+intervals come from a **two-stage bootstrap** over patients and training seeds: each resample
+draws the test patients with replacement and takes all their samples (slices) along, because
+slices of one patient are not independent, and draws the training seeds with replacement too,
+because a classifier's result depends on its seed as much as on which patients it is tested on.
+An interval from patients alone would hide the seeds' disagreement. With one seed it is the plain
+patient-level bootstrap. Resamples holding one class only (AUC undefined) are dropped for every
+metric, and their count is reported. With fewer than `MIN_PATIENTS` test patients an interval is
+still computed but says nothing reliable (a bootstrap over 4 patients has 35 distinct resamples):
+`too_few_to_conclude` marks it, and reports claim no evidence from it.
 
 Image quality (MONAI):
 
@@ -44,6 +49,8 @@ from torch import nn
 
 __all__ = [
     "CLASSIFICATION_METRICS",
+    "DEFAULT_N_BOOT",
+    "MIN_PATIENTS",
     "set_metric_pattern",
     "FD_2D_NAME",
     "FD_3D_NAME",
@@ -52,6 +59,7 @@ __all__ = [
     "aggregate_seeds",
     "axial_slices",
     "bootstrap_group_indices",
+    "bootstrap_seed_weights",
     "classification_metrics",
     "extract_features",
     "frechet_distance",
@@ -66,9 +74,13 @@ __all__ = [
     "random_feature_net",
     "ssim",
     "ssim_per_pair",
+    "too_few_to_conclude",
 ]
 
 CLASSIFICATION_METRICS: tuple[str, ...] = ("auc", "balanced_accuracy", "f1")
+# Below this many test patients an interval is marked "too few to conclude" (`too_few_to_conclude`).
+MIN_PATIENTS = 10
+DEFAULT_N_BOOT = 2000
 FD_2D_NAME = "fd_rand_resnet10_2d"
 FD_3D_NAME = "fd_rand_resnet10_3d"
 
@@ -169,19 +181,47 @@ def bootstrap_group_indices(groups: Any, n_boot: int, seed: int = 0) -> Iterator
         yield np.concatenate([members[i] for i in drawn])
 
 
+def bootstrap_seed_weights(n_seeds: int, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """The second stage of the two-stage bootstrap: per resample, how often each training seed is drawn.
+
+    Each resample draws `n_seeds` seeds with replacement; the weights (counts / n_seeds) turn the
+    per-seed metrics into the resample's seed mean. One seed: always weight 1.
+
+    Args:
+        n_seeds: training seeds.
+        n_boot: number of resamples (as `bootstrap_group_indices`, which it is zipped with).
+        seed: seed of the resampling (its own stream, apart from the patients' draws).
+    """
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
+    rng = np.random.default_rng([seed, 0x5EED5])
+    for _ in range(n_boot):
+        yield np.bincount(rng.integers(0, n_seeds, size=n_seeds), minlength=n_seeds) / n_seeds
+
+
+def too_few_to_conclude(n_patients: int | None) -> bool:
+    """True when an interval over `n_patients` test patients supports no conclusion (< MIN_PATIENTS)."""
+    return n_patients is not None and n_patients < MIN_PATIENTS
+
+
+def _two_stage(groups: np.ndarray, n_seeds: int, n_boot: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    # (sample indices, seed weights) of each resample: patients and seeds drawn independently.
+    return zip(bootstrap_group_indices(groups, n_boot, seed), bootstrap_seed_weights(n_seeds, n_boot, seed))
+
+
 def _bootstrap_scores(
     y: np.ndarray, scores: np.ndarray, groups: np.ndarray, n_boot: int, threshold: float, seed: int
 ) -> tuple[dict[str, np.ndarray], int]:
-    # Seed-averaged metric per resample: every seed's scores see the same patients, so the
-    # interval is that of the mean over seeds (one seed = the plain case).
+    # Seed-mean metric per resample of patients and seeds (one seed = the plain patient bootstrap).
     values: dict[str, list[float]] = {m: [] for m in CLASSIFICATION_METRICS}
-    for idx in bootstrap_group_indices(groups, n_boot, seed):
+    for idx, weights in _two_stage(groups, scores.shape[0], n_boot, seed):
         yb = y[idx]
         if yb.min() == yb.max():
             continue  # one class only: AUC undefined, and BAcc/F1 would be misleading
-        per_seed = [_fast_metrics(yb, row[idx], threshold) for row in scores]
+        drawn = np.flatnonzero(weights)
+        per_seed = [_fast_metrics(yb, scores[i][idx], threshold) for i in drawn]
         for m in CLASSIFICATION_METRICS:
-            values[m].append(float(np.mean([r[m] for r in per_seed])))
+            values[m].append(float(sum(weights[i] * r[m] for i, r in zip(drawn, per_seed))))
     n_valid = len(values["auc"])
     return {m: np.asarray(v) for m, v in values.items()}, n_valid
 
@@ -217,7 +257,7 @@ def classification_metrics(
     y_score: Any,
     groups: Any = None,
     *,
-    n_boot: int = 1000,
+    n_boot: int = DEFAULT_N_BOOT,
     ci: float = 0.95,
     threshold: float = 0.5,
     seed: int = 0,
@@ -237,8 +277,8 @@ def classification_metrics(
     Returns:
         `{"auc": {"value", "ci_low", "ci_high"}, "balanced_accuracy": {...}, "f1": {...},
         "n_samples", "n_groups", "n_pos", "n_boot", "n_boot_valid", "ci", "threshold",
-        "resample_unit"}`. `n_boot_valid` counts resamples holding both classes; the interval
-        uses those only.
+        "resample_unit", "too_few_to_conclude"}`. `n_boot_valid` counts resamples holding both
+        classes; the interval uses those only.
     """
     _check_boot_args(n_boot, ci, threshold)
     y, s = _check_binary(y_true, y_score)
@@ -266,6 +306,7 @@ def _counts(y: np.ndarray, g: np.ndarray, n_boot: int, n_valid: int, ci: float, 
         "ci": ci,
         "threshold": threshold,
         "resample_unit": unit,
+        "too_few_to_conclude": too_few_to_conclude(len(set(g.tolist()))),
     }
 
 
@@ -274,16 +315,17 @@ def aggregate_seeds(
     scores: Sequence[Any],
     groups: Any = None,
     *,
-    n_boot: int = 1000,
+    n_boot: int = DEFAULT_N_BOOT,
     ci: float = 0.95,
     threshold: float = 0.5,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of several training seeds on one test set: mean and std over seeds, and a
-    patient-level bootstrap interval of the seed mean.
+    two-stage bootstrap interval of the seed mean.
 
-    Each bootstrap resample draws patients once and scores every seed's predictions on them, so
-    the interval covers test-set sampling of the seed-averaged metric (the std covers seeds).
+    Each bootstrap resample draws patients and, independently, training seeds with replacement,
+    and averages the drawn seeds' metrics on the drawn patients, so the interval covers both the
+    test-set sampling and the spread over seeds.
 
     Args:
         y_true: 0/1 labels, shape (N,).
@@ -327,18 +369,18 @@ def paired_auc_difference(
     scores_b: Sequence[Any],
     groups: Any = None,
     *,
-    n_boot: int = 1000,
+    n_boot: int = DEFAULT_N_BOOT,
     ci: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """AUC(a) - AUC(b) of two models tested on the same samples, with a PAIRED patient-level
-    bootstrap interval of the seed-mean difference.
+    """AUC(a) - AUC(b) of two models tested on the same samples, with a PAIRED two-stage
+    bootstrap interval (patients, then seed pairs) of the seed-mean difference.
 
     Both models' scores are resampled with the same patients in each resample (they were tested
     on the same samples), so what the two share (which patients are easy) cancels and the interval
     is that of the difference itself, narrower than two separate intervals side by side. Per
-    resample: the difference of each seed pair (seed i of `a` with seed i of `b`), averaged over
-    seeds. Resamples holding one class only are dropped and counted. With `seed` equal to that of
+    resample: the seed pairs (seed i of `a` with seed i of `b`) are drawn with replacement too, and
+    their differences averaged, so seeds that disagree widen the interval. Resamples holding one class only are dropped and counted. With `seed` equal to that of
     `aggregate_seeds`, the resamples are the very ones of the per-regime intervals.
 
     Args:
@@ -353,7 +395,7 @@ def paired_auc_difference(
     Returns:
         `{"mean" (mean over seeds of AUC(a) - AUC(b) on all samples), "per_seed", "ci_low",
         "ci_high", "n_seeds", "n_samples", "n_groups", "n_boot", "n_boot_valid", "ci",
-        "resample_unit"}`.
+        "resample_unit", "too_few_to_conclude"}`.
 
     Raises:
         ValueError: no seeds, a different number of seeds for a and b, bad shapes or labels, or a
@@ -371,12 +413,12 @@ def paired_auc_difference(
     per_seed = auc[:k] - auc[k:]
     g, unit = _groups_or_samples(groups, y.shape[0])
     diffs = []
-    for idx in bootstrap_group_indices(g, n_boot, seed):
+    for idx, weights in _two_stage(g, k, n_boot, seed):
         yb = y[idx]
         if yb.min() == yb.max():
             continue  # AUC undefined in this resample
         b = _rank_auc(yb, s[:, idx])
-        diffs.append(float(np.mean(b[:k] - b[k:])))
+        diffs.append(float(np.dot(weights, b[:k] - b[k:])))  # the drawn seed pairs' mean
     lo, hi = _interval(np.asarray(diffs), ci)
     return {
         "mean": float(per_seed.mean()),
@@ -390,6 +432,7 @@ def paired_auc_difference(
         "n_boot_valid": len(diffs),
         "ci": ci,
         "resample_unit": unit,
+        "too_few_to_conclude": too_few_to_conclude(len(set(g.tolist()))),
     }
 
 

@@ -61,6 +61,8 @@ import torch
 from aldm_fed.checkpoints import plain_config
 from aldm_fed.evaluation.metrics import (
     CLASSIFICATION_METRICS,
+    DEFAULT_N_BOOT,
+    MIN_PATIENTS,
     aggregate_seeds,
     classification_metrics,
     paired_auc_difference,
@@ -124,10 +126,10 @@ RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.json"
 DIFFERENCES_FILE = "differences.json"
 # The numbers of one paired difference that a site's metrics keep (`diff.<a>__<b>.<name>`).
-DIFFERENCE_NUMBERS: tuple[str, ...] = ("auc_mean", "auc_ci_low", "auc_ci_high", "n_boot_valid")
+DIFFERENCE_NUMBERS: tuple[str, ...] = ("auc_mean", "auc_ci_low", "auc_ci_high", "n_boot_valid", "n_patients")
 _SECTIONS = ("task", "slice", "volume", "network", "train", "augmentation", "regimes", "syn_ratio",
              "seeds", "eval")
-_EVAL_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "n_boot": 1000, "ci": 0.95, "predict_batch_size": 64}
+_EVAL_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "n_boot": DEFAULT_N_BOOT, "ci": 0.95, "predict_batch_size": 64}
 _SLICE_DEFAULTS: dict[str, Any] = {"axis": -1, "min_brain_fraction": 0.0}
 
 
@@ -161,7 +163,7 @@ class ClassifierSettings:
     syn_ratio: float
     seeds: tuple[int, ...]
     threshold: float = 0.5
-    n_boot: int = 1000
+    n_boot: int = DEFAULT_N_BOOT
     ci: float = 0.95
     predict_batch_size: int = 64
     slice_axis: int = -1
@@ -439,8 +441,8 @@ def paired_differences(
     predictions; written to `run_dir/differences.json` (atomically).
 
     For each pair (a, b): the seeds both ran, paired by seed; each bootstrap resample draws test
-    patients once for both regimes (`metrics.paired_auc_difference`, the classifier's `n_boot`
-    and `ci`, resampling seed 0 as the per-regime intervals).
+    patients once for both regimes, and seed pairs (`metrics.paired_auc_difference`, the
+    classifier's `n_boot` and `ci`, resampling seed 0 as the per-regime intervals).
 
     Args:
         rows: `run_regimes`' table (rows with `status` "ok" count).
@@ -449,7 +451,8 @@ def paired_differences(
 
     Returns:
         One row per pair: `a`, `b`, `auc_mean` (seed-mean AUC(a) - AUC(b)), `auc_ci_low`,
-        `auc_ci_high`, `n_boot_valid`, `n_seeds`, `n_boot`, `ci`, `excludes_zero`.
+        `auc_ci_high`, `n_boot_valid`, `n_seeds`, `n_patients`, `n_boot`, `ci`, `excludes_zero`,
+        `too_few_to_conclude` (fewer than `metrics.MIN_PATIENTS` test patients).
 
     Raises:
         FileNotFoundError, ValueError: as `read_predictions`; two regimes tested on different samples.
@@ -470,14 +473,17 @@ def paired_differences(
         d = paired_auc_difference(ya, list(sa), list(sb), ga, n_boot=s.n_boot, ci=s.ci, seed=0)
         lo, hi = d["ci_low"], d["ci_high"]
         out.append({"a": a, "b": b, "auc_mean": d["mean"], "auc_ci_low": lo, "auc_ci_high": hi,
-                    "n_boot_valid": d["n_boot_valid"], "n_seeds": d["n_seeds"], "n_boot": s.n_boot, "ci": s.ci,
-                    "excludes_zero": bool(lo > 0 or hi < 0)})  # NaN bounds (no resample): False
+                    "n_boot_valid": d["n_boot_valid"], "n_seeds": d["n_seeds"], "n_patients": d["n_groups"],
+                    "n_boot": s.n_boot, "ci": s.ci,
+                    "excludes_zero": bool(lo > 0 or hi < 0),  # NaN bounds (no resample): False
+                    "too_few_to_conclude": d["too_few_to_conclude"]})
     atomic_write_json(run_dir / DIFFERENCES_FILE, {
         "version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notes": {"difference": "AUC(a) - AUC(b), mean over the seeds both ran (paired by seed)",
-                  "ci": f"{s.ci:.0%} paired patient-level bootstrap ({s.n_boot} resamples): each resample "
-                        "draws test patients once for both regimes"},
+                  "ci": f"{s.ci:.0%} paired two-stage bootstrap ({s.n_boot} resamples): each resample "
+                        "draws test patients once for both regimes, and the seed pairs",
+                  "too_few_to_conclude": f"fewer than {MIN_PATIENTS} test patients: no conclusion"},
         "pairs": out,
     })
     return out
@@ -731,7 +737,8 @@ def run_regimes(
         "settings": plain_config(s),
         "notes": {
             "test": "held-out real cases only",
-            "ci": f"{s.ci:.0%} patient-level bootstrap ({s.n_boot} resamples) of the seed-mean metric",
+            "ci": f"{s.ci:.0%} two-stage bootstrap ({s.n_boot} resamples: test patients, then training "
+                  "seeds) of the seed-mean metric",
             "std": "sample standard deviation over training seeds",
             "threshold": f"balanced accuracy and F1 at probability >= {s.threshold}",
         },

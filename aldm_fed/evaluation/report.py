@@ -235,9 +235,10 @@ def _comparison_section(sites: list[str], regimes: list[str], split: _Split, ci_
     verdicts = difference_verdicts({s: _differences(split, s) for s in sites}, pairs, ci_text)
     return ["## ALDM against the baselines, and the domain-shift gap (AUC)", "",
             f"Paired AUC differences a - b at each site (mean over seeds) with their {ci_text}interval from a paired "
-            "patient-level bootstrap: each resample draws the test patients once for both regimes, which were "
-            "tested on the same cases. Positive = the first regime is better. **evidence** marks an interval "
-            "that excludes 0; any other difference is within test-set sampling.", "",
+            "two-stage bootstrap: each resample draws the test patients once for both regimes, which were "
+            "tested on the same cases, and the training seeds. Positive = the first regime is better. **evidence** "
+            "marks an interval that excludes 0 over at least 10 test patients; with fewer the cell says **too few "
+            "to conclude**; any other difference is within the sampling of test patients and seeds.", "",
             *_table(["difference", *sites], rows), "", *(f"- {v}" for v in verdicts), *([""] if verdicts else [])]
 
 
@@ -372,9 +373,10 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
         "has one).",
         *_comparison_howto(regimes),
         "- **Values** are means over training seeds (± the std over seeds when there are several).",
-        f"- **CI**: {ci_text}patient-level bootstrap interval of the seed mean (test patients "
-        "resampled with all their slices).",
-        "- **Small n**: with a few test patients per site the intervals are wide. A difference between "
+        f"- **CI**: {ci_text}two-stage bootstrap interval of the seed mean: test patients resampled with all "
+        "their slices, and training seeds resampled, so seeds that disagree widen it.",
+        "- **Small n**: with a few test patients per site the intervals are wide; with fewer than 10 a "
+        "difference is marked too few to conclude. A difference between "
         "two regimes is judged by its own paired interval (both regimes resampled on the same test "
         "patients, in the comparison tables), not by whether two separate intervals overlap.",
         "- **-**: the regime was skipped at that site (e.g. no synthetic volumes, no larger real "
@@ -388,8 +390,8 @@ def _markdown(title: str, created: str, context: Mapping[str, Any], sites: list[
         lines += [f"## {heading}", ""] + table + [""]
     lines += _comparison_section(sites, regimes, split, ci_text)
     lines += ["## Synthetic data effect: real_syn - real_only (AUC)", "",
-              f"The paired difference with its {ci_text}interval (the same test patients resampled for both "
-              "regimes); **evidence** only where the interval excludes 0.", ""]
+              f"The paired difference with its {ci_text}interval (the same test patients and seeds resampled for "
+              "both regimes); **evidence** only where the interval excludes 0 over at least 10 test patients.", ""]
     rows = []
     for site in sites:
         a, b = (by_regime[site].get(r, {}).get("auc_mean") for r in ("real_syn", "real_only"))

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aldm_fed.evaluation.metrics import FD_2D_NAME, FD_3D_NAME
+from aldm_fed.evaluation.metrics import FD_2D_NAME, FD_3D_NAME, MIN_PATIENTS, too_few_to_conclude
 from aldm_fed.evaluation.regimes import SYNTHETIC_BASELINES, difference_name
 
 __all__ = [
@@ -231,11 +231,18 @@ class PairedDifference:
     mean: float
     ci_low: float | None
     ci_high: float | None
+    n_patients: int | None = None
+
+    @property
+    def too_few(self) -> bool:
+        """Fewer test patients than `metrics.MIN_PATIENTS`: the interval supports no conclusion."""
+        return too_few_to_conclude(self.n_patients)
 
     @property
     def evidence(self) -> bool:
-        """The interval excludes 0."""
-        return self.ci_low is not None and self.ci_high is not None and (self.ci_low > 0 or self.ci_high < 0)
+        """The interval excludes 0, over enough test patients."""
+        return (not self.too_few and self.ci_low is not None and self.ci_high is not None
+                and (self.ci_low > 0 or self.ci_high < 0))
 
 
 def paired_difference(differences: Mapping[str, Any], a: str, b: str) -> PairedDifference | None:
@@ -245,7 +252,9 @@ def paired_difference(differences: Mapping[str, Any], a: str, b: str) -> PairedD
     mean = differences.get(f"{name}.auc_mean")
     if mean is None:
         return None
-    return PairedDifference(float(mean), differences.get(f"{name}.auc_ci_low"), differences.get(f"{name}.auc_ci_high"))
+    n = differences.get(f"{name}.n_patients")
+    return PairedDifference(float(mean), differences.get(f"{name}.auc_ci_low"), differences.get(f"{name}.auc_ci_high"),
+                            int(n) if n is not None else None)
 
 
 def difference_cell(differences: Mapping[str, Any], a: str, b: str, mean_a: Any, mean_b: Any) -> str:
@@ -256,7 +265,9 @@ def difference_cell(differences: Mapping[str, Any], a: str, b: str, mean_a: Any,
     if d is not None:
         if d.ci_low is None or d.ci_high is None:
             return f"{d.mean:+.3f} (no valid resample)"
-        return f"{d.mean:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]" + (" evidence" if d.evidence else "")
+        verdict = f" too few to conclude ({d.n_patients} test patients)" if d.too_few else (
+            " evidence" if d.evidence else "")
+        return f"{d.mean:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]{verdict}"
     if mean_a is None or mean_b is None:
         return "-"
     return f"{mean_a - mean_b:+.3f} (no paired CI)"
@@ -277,12 +288,16 @@ def difference_verdicts(sites: Mapping[str, Mapping[str, Any]], pairs: Sequence[
     if not found:
         return []
     lines = []
+    few = {site: d.n_patients for site, _, _, d in found if d.too_few}
+    for site, n in few.items():
+        lines.append(f"Site {site}: {n} test patients, too few to conclude (fewer than {MIN_PATIENTS}).")
     for site, a, b, d in found:
         if d.evidence:
             win, lose = (a, b) if d.mean > 0 else (b, a)
             lines.append(f"Site {site}: {win} beats {lose} by {abs(d.mean):.3f} AUC "
                          f"({ci_text}CI of {a} - {b}: [{d.ci_low:+.3f}, {d.ci_high:+.3f}]).")
-    if not lines:
-        lines.append(f"No paired {ci_text}interval excludes 0: at these test sizes, no regime of a pair is "
+    if len(lines) == len(few):
+        enough = f" over at least {MIN_PATIENTS} test patients" if few else ""
+        lines.append(f"No paired {ci_text}interval{enough} excludes 0: at these test sizes, no regime of a pair is "
                      "shown to be better than the other.")
     return lines

@@ -302,8 +302,10 @@ def _results(data: Mapping[str, Any]) -> str:
              "<code>real_only</code>, <code>real_aug</code> (classic augmentation), <code>real_syn</code> "
              "(K real + synthetic), <code>syn_only</code>, <code>oracle</code> (a larger real pool).</li>",
              "<li><b>Values</b>: means over training seeds (± std over seeds when several). "
-             f"<b>CI</b>: {_e(ci_text)}patient-level bootstrap interval of the seed mean.</li>",
-             "<li><b>Small n</b>: with few test patients the intervals are wide. A difference between two "
+             f"<b>CI</b>: {_e(ci_text)}two-stage bootstrap interval of the seed mean (test patients and "
+             "training seeds resampled).</li>",
+             "<li><b>Small n</b>: with few test patients the intervals are wide; with fewer than 10 a difference "
+             "is marked too few to conclude. A difference between two "
              "regimes is judged by its own paired interval (both resampled on the same test patients), not by "
              "whether two separate intervals overlap. <b>-</b>: skipped or not available.</li>",
              "</ul>"]
@@ -314,8 +316,9 @@ def _results(data: Mapping[str, Any]) -> str:
     if pairs:  # baselines and domain shift (aldm-fed compare)
         parts.append("<h3>ALDM against the baselines, and the domain-shift gap (AUC)</h3><p>Paired AUC "
                      f"differences a - b (mean over seeds) with their {_e(ci_text)}interval from a paired "
-                     "patient-level bootstrap (the same test patients resampled for both regimes); positive = "
-                     "the first regime is better; <b>evidence</b> marks an interval that excludes 0. Baselines "
+                     "two-stage bootstrap (the same test patients and seeds resampled for both regimes); positive = "
+                     "the first regime is better; <b>evidence</b> marks an interval that excludes 0 over at least 10 "
+                     "test patients. Baselines "
                      "use sets made from the same masks; <code>shift_from_X</code> trains on site X's real cases "
                      "(single machine only).</p>")
         rows = [[f"{a} - {b}", *(difference_cell(diffs[n], a, b, s["regimes"].get(a, {}).get("auc_mean"),

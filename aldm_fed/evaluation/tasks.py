@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from aldm_fed.data.patients import patient_id
+
 __all__ = [
     "TASKS",
     "CaseItem",
@@ -290,7 +292,8 @@ class TaskData:
         items: the volumes.
         refs: (N, 2) int: item index and slice index (-1 for a volume sample).
         labels: (N,) int64 0/1.
-        groups: (N,) patient id per sample (str objects).
+        groups: (N,) patient id per sample (str objects): a real scan's patient (`data.patients`:
+            BraTS 2023 follow-ups share one), a synthetic volume's own id. The bootstrap's unit.
         synthetic: (N,) bool, True for samples from synthetic volumes.
         axis: slice axis (slice task).
     """
@@ -384,7 +387,7 @@ def slice_task(
             keep = keep[_brain_fractions(it, axis) >= min_brain_fraction]
         refs += [(i, int(k)) for k in keep]
         labels.append(lab[keep])
-        groups += [it.group] * len(keep)
+        groups += [_patient(it)] * len(keep)
         synthetic += [it.synthetic] * len(keep)
     return TaskData(
         task="slice",
@@ -415,9 +418,13 @@ def volume_task(items: Sequence[CaseItem]) -> TaskData:
         items=list(items),
         refs=np.asarray([(i, -1) for i in range(len(items))], dtype=np.int64).reshape(-1, 2),
         labels=np.asarray([it.label for it in items], dtype=np.int64),
-        groups=np.asarray([it.group for it in items], dtype=object),
+        groups=np.asarray([_patient(it) for it in items], dtype=object),
         synthetic=np.asarray([it.synthetic for it in items], dtype=bool),
     )
+
+
+def _patient(item: CaseItem) -> str:
+    return item.group if item.synthetic else patient_id(item.group)
 
 
 def make_task(task: str, items: Sequence[CaseItem], *, min_brain_fraction: float = 0.0,
@@ -461,7 +468,8 @@ def check_no_leakage(train_groups: Iterable[Any], test_groups: Iterable[Any]) ->
     Raises:
         ValueError: naming the overlapping patient(s).
     """
-    both = sorted({str(g) for g in train_groups} & {str(g) for g in test_groups})
+    # By patient: a follow-up scan of a training patient in test is a leak too.
+    both = sorted({patient_id(str(g)) for g in train_groups} & {patient_id(str(g)) for g in test_groups})
     if both:
         shown = ", ".join(both[:10]) + (f" and {len(both) - 10} more" if len(both) > 10 else "")
         raise ValueError(

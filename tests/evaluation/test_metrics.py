@@ -1,5 +1,5 @@
 """Evaluation metrics against known values: sklearn/textbook classification cases, the
-patient-level bootstrap, SSIM / MS-SSIM / MMD identities, Frechet distances."""
+two-stage bootstrap (patients, then seeds), SSIM / MS-SSIM / MMD identities, Frechet distances."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from aldm_fed.evaluation.metrics import (
     FD_2D_NAME,
     FD_3D_NAME,
+    MIN_PATIENTS,
     FeatureNetSpec,
     _fast_metrics,
     aggregate_seeds,
     axial_slices,
     bootstrap_group_indices,
+    bootstrap_seed_weights,
     classification_metrics,
     extract_features,
     frechet_distance,
@@ -32,6 +34,7 @@ from aldm_fed.evaluation.metrics import (
     point_metrics,
     ssim,
     ssim_per_pair,
+    too_few_to_conclude,
 )
 
 torch.set_num_threads(1)
@@ -199,6 +202,56 @@ def test_paired_difference_is_narrower_than_the_two_intervals_and_checks_its_inp
     with pytest.raises(ValueError, match="only class 0"):
         paired_auc_difference(np.zeros(4, int), [np.ones(4)], [np.ones(4)])
     assert np.isnan(paired_auc_difference(y, [s], [b], g, n_boot=0)["ci_low"])
+
+
+def _patient_only_interval(y, scores, g, n_boot, seed=0):
+    """The seed-mean AUC interval of a bootstrap over patients alone (what the two-stage one replaces)."""
+    vals = []
+    for idx in bootstrap_group_indices(g, n_boot, seed):
+        if y[idx].min() != y[idx].max():
+            vals.append(np.mean([roc_auc_score(y[idx], s[idx]) for s in scores]))
+    return np.quantile(vals, [0.025, 0.975])
+
+
+def test_two_stage_interval_widens_when_seeds_disagree_and_not_otherwise() -> None:
+    rng = np.random.default_rng(11)
+    g = np.repeat(np.arange(40), 5).astype(str)  # 40 patients x 5 slices
+    y = np.tile([0, 0, 1, 1, 0], 40)
+    good = np.clip(y * 0.6 + rng.normal(0.2, 0.15, y.size), 0, 1)  # AUC ~0.99
+    poor = np.clip(y * 0.1 + rng.normal(0.45, 0.15, y.size), 0, 1)  # AUC ~0.67
+    width = lambda lo, hi: hi - lo  # noqa: E731
+    # Seeds that disagree: the interval must cover the seeds' spread, not only the patients'.
+    two = aggregate_seeds(y, [good, poor, good, poor], g, n_boot=1000, seed=0)["auc"]
+    only = _patient_only_interval(y, [good, poor, good, poor], g, 1000)
+    assert width(two["ci_low"], two["ci_high"]) > 2 * width(*only)
+    assert two["ci_low"] < min(two["per_seed"]) + 0.05 and two["ci_high"] > max(two["per_seed"]) - 0.05
+    # Seeds that agree exactly: nothing to add; the interval is the patient bootstrap's.
+    same = aggregate_seeds(y, [good, good, good], g, n_boot=1000, seed=0)["auc"]
+    alone = classification_metrics(y, good, g, n_boot=1000, seed=0)["auc"]
+    assert (same["ci_low"], same["ci_high"]) == pytest.approx((alone["ci_low"], alone["ci_high"]))
+    # The paired difference too: seed pairs that disagree widen it.
+    d = paired_auc_difference(y, [good, poor], [poor, poor], g, n_boot=1000, seed=0)
+    assert d["ci_low"] < 0.05 < 0.2 < d["ci_high"]  # pair 1 differs by ~0.3, pair 2 by 0
+
+
+def test_fewer_than_ten_patients_are_too_few_to_conclude() -> None:
+    assert MIN_PATIENTS == 10 and too_few_to_conclude(9) and not too_few_to_conclude(10)
+    assert not too_few_to_conclude(None)  # unknown (older results): no claim either way
+    for n_patients, expected in ((9, True), (10, False)):
+        g = np.repeat(np.arange(n_patients), 4).astype(str)
+        y = np.tile([0, 1, 1, 0], n_patients)
+        s = np.clip(y * 0.5 + np.random.default_rng(0).random(y.size) * 0.6, 0, 1)
+        assert classification_metrics(y, s, g, n_boot=50)["too_few_to_conclude"] is expected
+        assert aggregate_seeds(y, [s, s], g, n_boot=50)["too_few_to_conclude"] is expected
+        assert paired_auc_difference(y, [s], [1 - s], g, n_boot=50)["too_few_to_conclude"] is expected
+
+
+def test_seed_weights_draw_seeds_with_replacement() -> None:
+    draws = np.stack(list(bootstrap_seed_weights(3, 2000, seed=0)))
+    assert draws.shape == (2000, 3) and np.allclose(draws.sum(axis=1), 1.0)
+    assert np.allclose(draws.mean(axis=0), 1 / 3, atol=0.02) and (draws == 0).any()
+    assert (np.stack(list(bootstrap_seed_weights(1, 5))) == 1.0).all()
+    assert np.array_equal(draws, np.stack(list(bootstrap_seed_weights(3, 2000, seed=0))))
 
 
 # ---------------------------------------------------------------------------- image quality

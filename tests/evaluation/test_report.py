@@ -76,7 +76,7 @@ def test_markdown_has_a_table_per_metric_with_sites_and_regimes(report):
     md = report["md"].read_text()
     assert md.startswith("# Federated run tiny\n")
     assert "- **rounds**: 3" in md and "- **seeds**: 0, 1, 2" in md
-    assert "held-out REAL cases" in md and "95% patient-level bootstrap" in md and "Small n" in md
+    assert "held-out REAL cases" in md and "95% two-stage bootstrap" in md and "Small n" in md
     auc = table(md, "AUC")
     assert auc[0] == ["site", "n test", "real_only", "real_only CI", "real_syn", "real_syn CI",
                       "syn_only", "syn_only CI", "oracle", "oracle CI"]  # no column for real_aug: never ran
@@ -172,9 +172,9 @@ FAITH = {"faithfulness.n_train": 4, "faithfulness.real.dice_mean": 0.80, "faithf
          "faithfulness.gan.dice_mean": 0.55, "faithfulness.gan.dice_gap": 0.25, "faithfulness.gan.n": 16}
 
 
-def paired(a: str, b: str, mean: float, lo: float, hi: float) -> dict[str, float]:
+def paired(a: str, b: str, mean: float, lo: float, hi: float, n_patients: int = 16) -> dict[str, float]:
     return {f"diff.{a}__{b}.auc_mean": mean, f"diff.{a}__{b}.auc_ci_low": lo, f"diff.{a}__{b}.auc_ci_high": hi,
-            f"diff.{a}__{b}.n_boot_valid": 1000}
+            f"diff.{a}__{b}.n_boot_valid": 2000, f"diff.{a}__{b}.n_patients": n_patients}
 
 
 QUALITY = {"quality.real.ms_ssim_diversity": 0.40, "quality.real.n": 4, "quality.aldm.ssim": 0.62,
@@ -232,7 +232,7 @@ def test_faithfulness_and_paired_differences_get_their_own_sections(tmp_path):
     assert doc["sites"]["A"]["differences"]["real_syn__real_only.auc_ci_low"] == 0.02
     assert doc["sites"]["C"]["differences"] == {f"real_syn__real_only.{k}": v for k, v in
                                                 (("auc_mean", 0.01), ("auc_ci_low", -0.08), ("auc_ci_high", 0.1),
-                                                 ("n_boot_valid", 1000))}
+                                                 ("n_boot_valid", 2000), ("n_patients", 16))}
 
 
 def test_no_interval_excluding_zero_is_said_plainly(tmp_path):
@@ -254,3 +254,18 @@ def test_config_summary_is_plain():
     summary = config_summary(compose(["experiment=tiny", "classifier.seeds=[0]"]))
     assert summary["run_name"] == "tiny" and summary["task"] == "slice" and summary["seeds"] == [0]
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_fewer_than_ten_test_patients_claim_no_evidence(tmp_path):
+    """An interval over 9 test patients that excludes 0 is marked, not called evidence; 10 are enough."""
+    sites = {
+        "A": {**SITES["A"], **paired("real_syn", "real_only", 0.08, 0.02, 0.15, n_patients=9)},
+        "C": {**SITES["C"], **regime("real_syn", 0.66, n_syn=4), **paired("real_syn", "real_only", 0.08, 0.02, 0.15,
+                                                                         n_patients=10)},
+    }
+    md = write_report(tmp_path, sites, title="t", context={"ci": 0.95})["md"].read_text()
+    effect = table(md, "Synthetic data effect: real_syn - real_only (AUC)")
+    assert effect[2][-1] == "+0.080 [+0.020, +0.150] too few to conclude (9 test patients)"
+    assert effect[3][-1] == "+0.080 [+0.020, +0.150] evidence"
+    assert "- Site A: 9 test patients, too few to conclude (fewer than 10)." in md
+    assert "Site A: real_syn beats" not in md and "- Site C: real_syn beats real_only by 0.080 AUC" in md

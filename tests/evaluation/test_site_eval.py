@@ -135,7 +135,7 @@ def test_faithfulness_and_paired_differences_are_measured_and_shareable(site_a, 
     assert (folder / "segmenter" / "run.json").is_file()
     # real_syn - real_only, paired over the same test patients; its file beside the runs.
     diff = {k: v for k, v in metrics.items() if k.startswith("diff.")}
-    assert set(diff) <= {f"diff.real_syn__real_only.{n}" for n in ("auc_mean", "auc_ci_low", "auc_ci_high", "n_boot_valid")}
+    assert set(diff) <= {f"diff.real_syn__real_only.{n}" for n in ("auc_mean", "auc_ci_low", "auc_ci_high", "n_boot_valid", "n_patients")}
     assert diff["diff.real_syn__real_only.auc_mean"] == pytest.approx(
         metrics["real_syn.auc_mean"] - metrics["real_only.auc_mean"])
     if "diff.real_syn__real_only.auc_ci_low" in diff:  # 2 test patients: resamples may all hold one class

@@ -117,6 +117,19 @@ def test_leakage_guard_names_the_patients() -> None:
         check_no_leakage(many, many)
 
 
+def test_follow_up_scans_are_one_patient_for_the_bootstrap_and_the_leakage_guard() -> None:
+    first, follow_up = "BraTS-GLI-00124-000", "BraTS-GLI-00124-001"
+    task = slice_task([item(first), item(follow_up), item("BraTS-GLI-00200-000")])
+    assert set(task.groups.tolist()) == {"BraTS-GLI-00124", "BraTS-GLI-00200"} and task.n_groups == 2
+    assert volume_task([item(first, label=0), item(follow_up, label=1)]).n_groups == 1
+    # A synthetic volume keeps its own id as its group.
+    assert slice_task([item("BraTS-GLI-00999-000", synthetic=True)]).groups[0] == "BraTS-GLI-00999-000"
+    with pytest.raises(ValueError, match="patient leakage.*BraTS-GLI-00124"):
+        check_no_leakage([first], [follow_up])
+    with pytest.raises(ValueError, match="BraTS-GLI-00124"):  # through a synthetic volume's host
+        check_no_leakage(training_groups([item("syn-0", synthetic=True, source=first)]), [follow_up])
+
+
 def test_synthetic_source_patients_count_as_training_patients() -> None:
     items = [item("P1"), item("syn-0", synthetic=True, source="P9")]
     assert training_groups(items) == {"P1", "syn-0", "P9"}
