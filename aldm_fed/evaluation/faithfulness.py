@@ -45,6 +45,7 @@ per synthetic set (`metric_key_pattern` builds the regular expression that accep
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -524,7 +525,22 @@ def faithfulness(
     for items in sets.values():
         check_no_leakage(train_groups, [it.group for it in items])
 
-    # 2. Train (or read back) the segmenter; 3. Dice per set.
+    # 2. Finished before on the same volumes and settings: read back, nothing trained or written.
+    identity = {
+        "settings": plain_config(s), "seed": int(seed),
+        "train": [f"{it.group}={it.content_key}" for it in real_train],
+        "test": [f"{it.group}={it.content_key}" for it in real_test],
+        "sets": {name: [f"{it.group}={it.content_key}" for it in items] for name, items in sets.items()},
+    }
+    if not overwrite:
+        try:
+            done = json.loads((run_dir / FAITHFULNESS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            done = None
+        if isinstance(done, dict) and done.get("identity") == json.loads(json.dumps(identity)) and "result" in done:
+            return done["result"]
+
+    # 3. Train (or resume) the segmenter; 4. Dice per set.
     trained = train_segmenter(real_train, s, run_dir / SEGMENTER_DIR, seed=seed, device=setup,
                               overwrite=overwrite)
     dice_real = _set_dice(trained, real_test, s)
@@ -544,9 +560,11 @@ def faithfulness(
         "threshold": s.threshold,
     }
 
-    # 4. The file, with case ids (it stays at the site).
+    # 5. The file, with case ids (it stays at the site).
     atomic_write_json(run_dir / FAITHFULNESS_FILE, {
-        "version": 2,
+        "version": 3,
+        "identity": identity,
+        "result": result,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": setup.description,
         "seed": int(seed),

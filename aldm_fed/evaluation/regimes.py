@@ -125,6 +125,9 @@ RESULTS_FILE = "results.json"
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.json"
 DIFFERENCES_FILE = "differences.json"
+# result.json's metrics method: 2 = two-stage bootstrap (patients and seeds, too_few_to_conclude).
+# A finished run saved under another version has its metrics recomputed from its predictions.
+METRICS_VERSION = 2
 # The numbers of one paired difference that a site's metrics keep (`diff.<a>__<b>.<name>`).
 DIFFERENCE_NUMBERS: tuple[str, ...] = ("auc_mean", "auc_ci_low", "auc_ci_high", "n_boot_valid", "n_patients")
 _SECTIONS = ("task", "slice", "volume", "network", "train", "augmentation", "regimes", "syn_ratio",
@@ -477,7 +480,7 @@ def paired_differences(
                     "n_boot": s.n_boot, "ci": s.ci,
                     "excludes_zero": bool(lo > 0 or hi < 0),  # NaN bounds (no resample): False
                     "too_few_to_conclude": d["too_few_to_conclude"]})
-    atomic_write_json(run_dir / DIFFERENCES_FILE, {
+    _write_summary(run_dir / DIFFERENCES_FILE, {
         "version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notes": {"difference": "AUC(a) - AUC(b), mean over the seeds both ran (paired by seed)",
@@ -603,27 +606,80 @@ def run_regime(
         # ... nor on the same ids with other content (re-synthesised cases, another preprocessing).
         "train_content": sorted(f"{it.group}={it.content_key}" for it in train_items),
     }
+    test_content = sorted(f"{it.group}={it.content_key}" for it in test_items)
+
+    def result_of(y_score: np.ndarray) -> RegimeResult:
+        metrics = classification_metrics(test.labels, y_score, test.groups, n_boot=s.n_boot, ci=s.ci,
+                                          threshold=s.threshold, seed=seed)
+        return RegimeResult(
+            regime=name, seed=seed, task=s.task, network=str(s.network["name"]), metrics=metrics,
+            n_train_cases_real=len(real), n_train_cases_syn=len(syn), n_train_samples=len(train),
+            n_test_cases=len(test_items), steps=s.train.steps, batch_size=s.train.batch_size,
+            run_dir=str(run_dir), y_true=test.labels.copy(), y_score=y_score, groups=test.groups.copy(),
+        )
+
+    # 3a. Finished before on the same volumes and test set: read back; nothing is trained or
+    # written, unless the interval settings (or their method) changed, which rewrites result.json.
+    saved = None if overwrite else _finished(run_dir, identity, test_content, test)
+    if saved is not None:
+        record, y_score = saved
+        result = result_of(y_score)
+        if (_json_text(record.get("metrics")) != _json_text(result.metrics)  # n_boot, ci or threshold changed
+                or record.get("metrics_version") != METRICS_VERSION):
+            atomic_write_json(run_dir / RESULT_FILE, {**record, **result.to_dict(), "metrics_version": METRICS_VERSION})
+        return result
     trained = train_classifier(model, train, run_dir / "train", s.train, seed=seed, augment=augment,
                                device=setup, config=identity, overwrite=overwrite)
 
-    # 4. Test on the real cases, patient-level bootstrap.
-    y_score = predict_proba(trained.model, test, batch_size=s.predict_batch_size, device=setup)
-    metrics = classification_metrics(test.labels, y_score, test.groups, n_boot=s.n_boot, ci=s.ci,
-                                     threshold=s.threshold, seed=seed)
-    result = RegimeResult(
-        regime=name, seed=seed, task=s.task, network=str(s.network["name"]), metrics=metrics,
-        n_train_cases_real=len(real), n_train_cases_syn=len(syn), n_train_samples=len(train),
-        n_test_cases=len(test_items), steps=s.train.steps, batch_size=s.train.batch_size,
-        run_dir=str(run_dir), y_true=test.labels.copy(), y_score=y_score, groups=test.groups.copy(),
-    )
+    # 4. Test on the real cases, two-stage bootstrap.
+    result = result_of(predict_proba(trained.model, test, batch_size=s.predict_batch_size, device=setup))
     atomic_write_json(run_dir / PREDICTIONS_FILE, {
         "y_true": result.y_true.tolist(),
         "y_score": result.y_score.tolist(),
         "groups": [str(g) for g in result.groups],
     })
-    atomic_write_json(run_dir / RESULT_FILE, {**result.to_dict(), "identity": identity,
+    atomic_write_json(run_dir / RESULT_FILE, {**result.to_dict(), "identity": identity, "test_content": test_content,
+                                              "metrics_version": METRICS_VERSION,
                                               "class_weights": list(trained.class_weights)})
     return result
+
+
+def _write_summary(path: Path, doc: dict[str, Any]) -> None:
+    """Write a summary file unless it already says the same (its "created" time aside), so reading a
+    finished evaluation back leaves every file as it was."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and _json_text({**old, "created": None}) == _json_text({**doc, "created": None}):
+        return
+    atomic_write_json(path, doc)
+
+
+def _json_ready(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _json_text(obj: Any) -> str:
+    # Compared as text: NaN bounds (no interval) never equal themselves as floats.
+    return json.dumps(obj, sort_keys=True)
+
+
+def _finished(run_dir: Path, identity: Mapping[str, Any], test_content: list[str],
+              test: TaskData) -> tuple[dict[str, Any], np.ndarray] | None:
+    """(result.json, the saved test scores) of a run finished on the same training identity and test
+    samples, else None (then the regime trains, resuming whatever checkpoint it has)."""
+    try:
+        record = json.loads((run_dir / RESULT_FILE).read_text(encoding="utf-8"))
+        preds = json.loads((run_dir / PREDICTIONS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if record.get("identity") != _json_ready(dict(identity)) or record.get("test_content") != test_content:
+        return None
+    y, g = np.asarray(preds.get("y_true", []), dtype=np.int64), np.asarray(preds.get("groups", []), dtype=str)
+    if not (np.array_equal(y, test.labels) and np.array_equal(g, test.groups.astype(str))):
+        return None
+    return record, np.asarray(preds["y_score"], dtype=np.float64)
 
 
 def _skipped(name: str, reason: str, s: ClassifierSettings) -> dict[str, Any]:
@@ -729,7 +785,7 @@ def run_regimes(
         row["n_boot_valid"] = agg["n_boot_valid"]
         rows.append(row)
 
-    atomic_write_json(run_dir / RESULTS_FILE, {
+    _write_summary(run_dir / RESULTS_FILE, {
         "version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "task": s.task,

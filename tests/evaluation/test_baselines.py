@@ -19,6 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 import torch
 from omegaconf import OmegaConf
 
@@ -215,7 +216,9 @@ def test_domain_shift_trains_on_the_other_site_and_tests_on_this_sites_real_case
         groups = set(json.loads((clf / regime / "seed_0" / "predictions.json").read_text())["groups"])
         assert groups == set(manifests["C"].cases("test")), regime
     metrics = site_c.metrics()
-    assert 0.0 <= metrics["shift_from_A.auc_mean"] <= 1.0
+    preds = [json.loads(p.read_text()) for p in sorted((clf / "shift_from_A").glob("seed_*/predictions.json"))]
+    assert preds and metrics["shift_from_A.auc_mean"] == pytest.approx(
+        np.mean([roc_auc_score(p["y_true"], p["y_score"]) for p in preds]))
     # Everything but the shift rows (and the differences naming them) is shareable under fixed names.
     assert all(METRIC_KEY_PATTERN.fullmatch(k) for k in metrics if "shift_from_" not in k)
     assert not METRIC_KEY_PATTERN.fullmatch("diff.real_only__shift_from_A.auc_mean")

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from aldm_fed.config import compose
+from aldm_fed.evaluation import regimes
 from aldm_fed.evaluation.regimes import (
     RESULTS_FILE,
     ClassifierSettings,
@@ -185,9 +186,14 @@ def test_tiny_regime_learns_the_blob_and_writes_results(tmp_path: Path) -> None:
     preds = json.loads((tmp_path / "r" / "predictions.json").read_text())
     assert set(preds["groups"]) == {"P050", "P051", "P052", "P053"}
     np.testing.assert_allclose(preds["y_score"], result.y_score)
-    # A finished run is reloaded, not retrained: same scores.
-    again = run_regime("real_only", REAL, SYN, TEST, slice_cfg(), tmp_path / "r", seed=0, device=CPU)
+    # A finished run is reloaded, not retrained (a deterministic retrain would give the same
+    # scores, so: no training call, and its files untouched).
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(regimes, "train_classifier", lambda *a, **k: pytest.fail("a finished regime trained again"))
+        again = run_regime("real_only", REAL, SYN, TEST, slice_cfg(), tmp_path / "r", seed=0, device=CPU)
     np.testing.assert_array_equal(again.y_score, result.y_score)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file()} == files
 
 
 def test_run_regimes_table_and_json(tmp_path: Path) -> None:
