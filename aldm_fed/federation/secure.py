@@ -34,7 +34,7 @@ SecAgg+ removes its masks with the shares of the others, and the round counts th
 finished.
 What still travels in plain: per-site metrics (losses, example counts) and the scale phase.
 
-Limits of Flower 1.42's implementation (stated in the README): at least 2 sites per round; the
+Limits of Flower 1.42's implementation (stated in docs/federation.md): at least 2 sites per round; the
 masks are drawn by NumPy's RandomState from a 32-bit fold of each shared secret
 (flwr/common/secure_aggregation/secaggplus_utils.py `pseudo_rand_gen`), so a server willing to
 search 2**32 seeds per mask could strip one; the masked update travels as int64 (2x float32).
