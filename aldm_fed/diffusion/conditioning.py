@@ -62,6 +62,7 @@ _OPTIONAL_DEFAULTS: dict[str, Any] = {
     "tumour_weight": 2.0,
     "weight_pool": "max",
     "guidance_scale": 3.0,
+    "residual_drop_prob": 0.0,
 }
 
 
@@ -77,6 +78,10 @@ class ConditioningConfig:
         weight_pool: `max` (a latent voxel touching any tumour voxel gets the full weight) or
             `avg` (weight grows with the tumour fraction of the latent voxel).
         guidance_scale: default classifier-free guidance scale at sampling (ALDM 3.0).
+        residual_drop_prob: probability that a conditioned backbone training sample keeps its
+            concatenated mask but loses the ControlNet residuals (ALDM 0.0). Why: the `concat`
+            baseline samples the backbone exactly so; with 0 it never trained in that mode, and
+            "ControlNet vs concatenation" would compare against an untrained mode.
     """
 
     encoding: str = "regions"
@@ -85,6 +90,7 @@ class ConditioningConfig:
     tumour_weight: float = 2.0
     weight_pool: str = "max"
     guidance_scale: float = 3.0
+    residual_drop_prob: float = 0.0
 
     @property
     def mask_channels(self) -> int:
@@ -102,7 +108,7 @@ def conditioning_config(cfg: Mapping[str, Any] | Any) -> ConditioningConfig:
 
     Args:
         cfg: mapping with any of `encoding`, `concat`, `drop_prob`, `tumour_weight`,
-            `weight_pool`, `guidance_scale`.
+            `weight_pool`, `guidance_scale`, `residual_drop_prob`.
 
     Raises:
         ValueError: an unknown key or an invalid value (the message names it).
@@ -116,6 +122,7 @@ def conditioning_config(cfg: Mapping[str, Any] | Any) -> ConditioningConfig:
         tumour_weight=get_float(c, "tumour_weight", GROUP, minimum=0.0, inclusive_min=False),
         weight_pool=get_str(c, "weight_pool", GROUP, WEIGHT_POOLS),
         guidance_scale=get_float(c, "guidance_scale", GROUP, minimum=0.0),
+        residual_drop_prob=get_float(c, "residual_drop_prob", GROUP, minimum=0.0, maximum=1.0),
     )
 
 

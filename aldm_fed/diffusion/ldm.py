@@ -265,6 +265,7 @@ def denoise(
     *,
     keep: torch.Tensor | None = None,
     conditioning_scale: float = 1.0,
+    keep_residuals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One network prediction (epsilon, v or velocity), with per-sample condition dropping.
 
@@ -276,6 +277,8 @@ def denoise(
         prepared: from `prepare_mask` for this batch.
         keep: (B,) bool, False = this sample is unconditional; None = all conditioned.
         conditioning_scale: multiplier on the ControlNet residuals.
+        keep_residuals: (B,) bool, False = no ControlNet residuals for this sample (its
+            concatenated mask follows `keep`); None = as `keep`.
     """
     B = z_t.shape[0]
     t = _timesteps(timesteps, B, z_t.device)
@@ -291,8 +294,9 @@ def denoise(
     down, mid = _controlnet_residuals(
         controlnet, x_cn, t, prepared.controlnet_cond, prepared.embedded, conditioning_scale
     )
-    if keep is not None:
-        k = keep.view(-1, 1, 1, 1, 1).to(mid.dtype)
+    keep_res = keep_residuals if keep_residuals is not None else keep
+    if keep_res is not None:
+        k = keep_res.view(-1, 1, 1, 1, 1).to(mid.dtype)
         down = [d * k for d in down]
         mid = mid * k
     return unet(x_in, t, down_block_additional_residuals=down, mid_block_additional_residual=mid)
@@ -364,6 +368,7 @@ def diffusion_loss(
     weight_pool: str = "max",
     conditioning_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    residual_drop_prob: float = 0.0,
 ) -> torch.Tensor:
     """The diffusion training loss of one batch (a scalar to `.backward()`).
 
@@ -384,6 +389,8 @@ def diffusion_loss(
         weight_pool: `max` or `avg` pooling of the tumour to the latent grid.
         conditioning_scale: multiplier on the ControlNet residuals.
         generator: random generator on z0's device for noise, timesteps and dropout.
+        residual_drop_prob: probability that a conditioned sample keeps its concatenated mask but
+            loses the ControlNet residuals (`ConditioningConfig.residual_drop_prob`).
     """
     factor = _latent_factor(mask, z0)
     prepared = prepare_mask(unet, controlnet, mask, factor)
@@ -392,7 +399,11 @@ def diffusion_loss(
     t = sample_training_timesteps(scheduler, z0, generator)
     z_t = scheduler.add_noise(original_samples=z0, noise=noise, timesteps=t)
     keep = keep_condition(B, cond_drop_prob, device=z0.device, generator=generator)
-    pred = denoise(unet, controlnet, z_t, t, prepared, keep=keep, conditioning_scale=conditioning_scale)
+    keep_res = None
+    if residual_drop_prob > 0.0:  # drawn only then: a run without it keeps its random stream
+        keep_res = keep & keep_condition(B, residual_drop_prob, device=z0.device, generator=generator)
+    pred = denoise(unet, controlnet, z_t, t, prepared, keep=keep, conditioning_scale=conditioning_scale,
+                   keep_residuals=keep_res)
     target = training_target(scheduler, z0, noise, t)
     # float32 loss also under bf16 autocast
     err = (pred.float() - target.float()) ** 2

@@ -34,6 +34,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from aldm_fed.data.volumes import site_manifests
+from aldm_fed.diffusion.conditioning import conditioning_config
 from aldm_fed.evaluation.report import config_summary, write_report
 from aldm_fed.evaluation.site import SiteEvaluation, enabled_baselines, evaluate_site
 from aldm_fed.training.artifacts import RunLayout
@@ -92,6 +93,17 @@ def _ensure_cohort(cfg: Any, progress: bool) -> str | None:
 
     make_cohort(cohort, PhantomConfig.from_mapping(cfg.phantom), seed=int(cfg.seed), progress=progress)
     return f"made the phantom cohort at {cohort}"
+
+
+def concat_note(cfg: Any) -> str:
+    """Whether the `concat` baseline samples a mode its backbone trained in (for the report)."""
+    p = conditioning_config(cfg.model.conditioning).residual_drop_prob
+    if p > 0:
+        return (f"the backbone trained with the mask alone (ControlNet residuals dropped) in {p:.0%} of its "
+                "conditioned steps (model.conditioning.residual_drop_prob), the mode this baseline samples")
+    return ("the backbone never trained with the mask alone (model.conditioning.residual_drop_prob=0, ALDM's "
+            "recipe): this baseline samples an untrained mode, so ControlNet - concat overstates what the "
+            "ControlNet adds; train the backbone with residual_drop_prob=0.15 for a fair comparison")
 
 
 def compare(
@@ -182,6 +194,7 @@ def compare(
                       "n_synthetic_cases": e.n_synthetic_cases, "classifier_runs": str(e.run_dir)}
                   for s, e in evaluations.items()},
         "baselines": list(baselines) or "none",
+        **({"concat_baseline": concat_note(cfg)} if "concat" in baselines else {}),
         "domain_shift": "single-machine research evaluation (reads other sites' cases); never part of a "
                         "federated run",
         "notes": " / ".join(f"{s}: {n}" for s, e in evaluations.items() for n in e.notes) or "none",

@@ -199,6 +199,7 @@ def diffusion_step_fn(
     setup: DeviceSetup,
     scaler: torch.amp.GradScaler,
     cache_masks: bool = False,
+    residual_drop_prob: float = 0.0,
 ) -> Callable[[int, torch.Generator], dict[str, float]]:
     """The training step shared by the backbone and the ControlNet stages.
 
@@ -222,6 +223,8 @@ def diffusion_step_fn(
             of the batch's masks every step. Why: encoding a 64^3 label map cost ~5 ms of a
             150-180 ms CPU step (3-4 %, torch.profiler); the ControlNet stage's few cases cache
             cheaply, while a backbone's many source cases would hold C x their label maps.
+        residual_drop_prob: the backbone stage's `cond.residual_drop_prob` (mask without ControlNet
+            residuals); 0 for the ControlNet stage, whose only trained network is the ControlNet.
     """
     masks = encode_masks(latents, cond.encoding, setup.device) if cache_masks else None
 
@@ -240,6 +243,7 @@ def diffusion_step_fn(
                 weight_pool=cond.weight_pool,
                 conditioning_scale=conditioning_scale,
                 generator=generator,
+                residual_drop_prob=residual_drop_prob,
             )
         norm = optimizer_step(loss, optimizer, params, scaler, optim.grad_clip)
         out = {"loss": float(loss.detach())}
@@ -309,6 +313,7 @@ def train_backbone(
         scale_factor=scale_factor, cond=cond,
         conditioning_scale=controlnet_conditioning_scale(cfg.model.controlnet),
         loop=loop, optim=optim, optimizer=optimizer, params=params, setup=setup, scaler=scaler,
+        residual_drop_prob=cond.residual_drop_prob,
     )
     optimizers: dict[str, Any] = {"adamw": optimizer}
     if setup.use_grad_scaler:

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from aldm_fed.diffusion import (
     NULL_MASK_VALUE,
     build_scheduler,
+    conditioning_config,
     compute_scale_factor,
     decode,
     denoise,
@@ -142,6 +143,41 @@ def test_dropped_condition_gets_no_controlnet_and_the_null_mask() -> None:
     g0 = torch.Generator().manual_seed(0)
     diffusion_loss(unet, cn, sch, z0, mask, cond_drop_prob=0.0, generator=g0).backward()
     assert max(float(p.grad.abs().max()) for p in cn.parameters() if p.grad is not None) > 0
+
+
+def test_residual_drop_keeps_the_mask_but_not_the_controlnet() -> None:
+    """residual_drop_prob: the backbone also trains the mode the `concat` baseline samples (the
+    concatenated mask, no ControlNet residuals)."""
+    unet, cn = _nets()
+    sch = build_scheduler(_cfg("scheduler/ddpm"))
+    z0, mask = _batch()
+    # All residuals dropped: the loss of the backbone alone, with the real mask concatenated ...
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    dropped = diffusion_loss(unet, cn, sch, z0, mask, cond_drop_prob=0.0, residual_drop_prob=1.0, generator=g())
+    alone = diffusion_loss(unet, None, sch, z0, mask, cond_drop_prob=0.0, generator=g())
+    torch.testing.assert_close(dropped.detach(), alone.detach())
+    dropped.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in cn.parameters())  # the ControlNet learns nothing
+    # ... which differs from the full condition, and from the null mask (the mask still steers).
+    with torch.no_grad():
+        full = float(diffusion_loss(unet, cn, sch, z0, mask, cond_drop_prob=0.0, generator=g()))
+        null = float(diffusion_loss(unet, cn, sch, z0, mask, cond_drop_prob=1.0, generator=g()))
+        assert abs(full - float(alone)) > 1e-4 and abs(null - float(alone)) > 1e-4
+        # 0 (ALDM) draws nothing extra: bit-identical to a call without the argument.
+        assert float(diffusion_loss(unet, cn, sch, z0, mask, residual_drop_prob=0.0, generator=g())) == float(
+            diffusion_loss(unet, cn, sch, z0, mask, generator=g()))
+    # Per sample: denoise with residuals kept for one sample and dropped for the other.
+    t = torch.tensor([500, 500])
+    prepared = prepare_mask(unet, cn, mask, 4)
+    with torch.no_grad():
+        mixed = denoise(unet, cn, z0, t, prepared, keep_residuals=torch.tensor([True, False]))
+        with_cn = denoise(unet, cn, z0, t, prepared)
+        without = denoise(unet, None, z0, t, prepare_mask(unet, None, mask, 4))
+    torch.testing.assert_close(mixed[0], with_cn[0])
+    torch.testing.assert_close(mixed[1], without[1])
+    with pytest.raises(ValueError, match="residual_drop_prob"):
+        conditioning_config({"residual_drop_prob": 1.5})
+    assert conditioning_config({}).residual_drop_prob == 0.0
 
 
 def test_tumour_weight_enters_the_loss_linearly() -> None:

@@ -134,6 +134,14 @@ def test_concat_baseline_samples_as_the_backbone_with_the_controlnet_zeroed(mode
     assert not torch.allclose(_sample(noadapt, labels), out_concat)
 
 
+def test_the_compare_report_says_whether_concat_samples_a_trained_mode():
+    from aldm_fed.evaluation.compare import concat_note
+
+    assert "untrained mode" in concat_note(compose(["experiment=tiny"]))
+    fair = concat_note(compose(["experiment=tiny", "+model.conditioning.residual_drop_prob=0.15"]))
+    assert "in 15% of its conditioned steps" in fair and "untrained" not in fair
+
+
 def test_baseline_models_refuse_what_they_cannot_compare(models):
     with pytest.raises(ValueError, match="source bundle"):
         baseline_models(replace(models, provenance={"controlnet": {"kind": "site"}}), "noadapt")
@@ -288,6 +296,9 @@ def test_compare_command_writes_one_report_with_every_regime(tmp_path, capsys):
     for site, others in (("B", {"shift_from_A", "shift_from_C"}), ("C", {"shift_from_A", "shift_from_B"})):
         assert set(report["sites"][site]["regimes"]) >= expected | others, site
     assert "oracle" in report["sites"]["B"]["regimes"]  # B has source cases; C has none
+    # The report says whether the concat baseline's mode was trained (here ALDM's recipe: it was not).
+    md = (tmp_path / "runs" / "compare" / "report.md").read_text()
+    assert "concat_baseline" in md and "samples an untrained mode" in md
     # The baseline sets are paired with the ALDM set: same masks, index by index.
     for site in ("B", "C"):
         syn = tmp_path / "runs" / "sites" / site / "synthesis"
