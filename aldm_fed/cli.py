@@ -453,7 +453,13 @@ def certs(
 
 
 @app.command("simulate")
-def simulate(overrides: Overrides = None, no_progress: NoProgress = False) -> None:
+def simulate(
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also print Flower's own INFO lines (always in <fed.state>/flower.log).")
+    ] = False,
+) -> None:
     """Run the whole federated pipeline with every site simulated on this machine (Flower's
     simulation engine; the embedded phantom cohort is made at paths.cohort when there is none)."""
     from aldm_fed.federation.simulation import simulate as run_simulation
@@ -462,7 +468,7 @@ def simulate(overrides: Overrides = None, no_progress: NoProgress = False) -> No
 
     configure_logging()
     try:
-        status = run_simulation(_compose(overrides), progress=not no_progress)
+        status = run_simulation(_compose(overrides), progress=not no_progress, verbose=verbose)
     except FederationError as exc:
         _fail(str(exc), code=1)
     typer.echo(f"federated run done in {status['seconds']} s; sites {', '.join(status['sites'])}")

@@ -4,7 +4,8 @@ same ServerApp and ClientApp as a deployment, on the embedded phantom cohort by 
 Each simulated site is its own Ray actor with `fed.simulation.cpus_per_site` CPUs (by default
 the machine's CPUs shared by all sites, so that all run at once: `site_cpus`) and its own state
 folder (`<fed.state>/sites/<site>`); they share only the cohort folder, from which each reads its
-own manifest and cases. Progress: one log line per round and per site step.
+own manifest and cases. Progress: one log line per round and per site step; Flower's own INFO
+lines go to `<fed.state>/flower.log` (`flower_log`), and to the terminal only with `verbose`.
 
 The global models are signed and verified as in a deployment: the run makes its own signing
 pair in `<fed.state>/signing/` (private key 0600; `signing.ensure_signing_pair`), the server
@@ -13,11 +14,13 @@ signs with it and every simulated site verifies with its public half.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from aldm_fed.federation.signing import ensure_signing_pair
 from aldm_fed.federation.strategy import FederationError
 from aldm_fed.training.device import available_cpus
 
-__all__ = ["simulate", "site_cpus"]
+__all__ = ["FLOWER_LOG", "flower_log", "simulate", "site_cpus"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,10 @@ def site_cpus(total: int, n_sites: int, setting: float | None) -> float:
     return float(math.floor(share)) if share >= 1 else max(0.01, math.floor(share * 100) / 100)
 
 
-def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True) -> dict[str, Any]:
+FLOWER_LOG = "flower.log"  # <fed.state>/flower.log: Flower's own lines and ours, every level from INFO
+
+
+def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True, verbose: bool = False) -> dict[str, Any]:
     """Run the federated pipeline with every site simulated on this machine.
 
     Makes the phantom cohort at `paths.cohort` first when that folder is missing or empty
@@ -69,6 +75,9 @@ def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True) -> di
         cfg: the composed config.
         mods: extra ClientApp mods (tests record every reply with one).
         progress: show the phantom's progress bar.
+        verbose: also print Flower's own INFO lines (strategy banners, per-round summaries);
+            without it the terminal shows our progress lines and warnings only. Both ways every
+            line goes to `<fed.state>/flower.log`.
 
     Returns:
         The run's final status (`<fed.state>/status.json`): `status`, `report`, `seconds`, ...
@@ -107,13 +116,14 @@ def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True) -> di
     # actors and leaves it there; every later child process of ours would inherit it.
     pythonpath = os.environ.get("PYTHONPATH")
     try:
-        run_simulation(
-            server_app=server_app(cfg),
-            client_app=client_app(cfg, mods=mods),
-            num_supernodes=len(cfg.fed.sites),
-            backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": total}},
-        )
+        with flower_log(Path(cfg.fed.state) / FLOWER_LOG, verbose=verbose):
+            run_simulation(
+                server_app=server_app(cfg),
+                client_app=client_app(cfg, mods=mods),
+                num_supernodes=len(cfg.fed.sites),
+                backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+                                "init_args": {"num_cpus": total}},
+            )
     finally:
         if pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
@@ -126,3 +136,57 @@ def simulate(cfg: Any, *, mods: Sequence[Mod] = (), progress: bool = True) -> di
     if status.get("status") != "done":
         raise FederationError(f"the simulated run failed in phase {status.get('phase')}: {status.get('error')}")
     return status
+
+
+class _Unless(logging.Filter):
+    """Drops records whose message starts with one of `prefixes` (known, harmless lines)."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def flower_log(path: Path, *, verbose: bool = False) -> Iterator[Path]:
+    """Flower's lines and ours into `path`; Flower's console lines only at `verbose` (warnings always).
+
+    Why: a run printed pages of Flower INFO lines (strategy banners, metric dumps) around our own
+    per-round and per-site lines. Both stay in the file, next to the run's state.
+
+    Args:
+        path: the log file (appended to: a resumed run keeps its history).
+        verbose: leave Flower's console at INFO.
+    """
+    from flwr.common.logger import FLOWER_LOGGER, ConsoleHandler
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    ours = logging.getLogger("aldm_fed")
+    consoles = [h for h in FLOWER_LOGGER.handlers if isinstance(h, ConsoleHandler)]
+    before = [h.level for h in consoles]
+    # fraction_evaluate=0 is deliberate: sites evaluate in the local phase, not in Flower's
+    # evaluate round, so Flower's warning about it says nothing to act on.
+    skip = _Unless("fraction_evaluate is set to 0.0")
+    FLOWER_LOGGER.addHandler(handler)
+    ours.addHandler(handler)
+    for h in consoles:
+        h.addFilter(skip)
+        if not verbose:
+            h.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            # Ray's tip that a future Ray will stop hiding GPUs from actors asking for none: our
+            # sites ask for none (num_gpus 0) and run on CPU, today's behaviour; nothing to change.
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+            yield path
+    finally:
+        for h, level in zip(consoles, before):
+            h.removeFilter(skip)
+            h.setLevel(level)
+        FLOWER_LOGGER.removeHandler(handler)
+        ours.removeHandler(handler)
+        handler.close()

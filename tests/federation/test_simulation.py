@@ -74,6 +74,9 @@ def test_run_completes_and_writes_the_report(run: dict[str, Any]) -> None:
             assert cost["params_bytes_fp32"] < site["bytes_sent"] == site["bytes_received"] < 1.1 * cost["params_bytes_fp32"]
             assert site["compute_s"] > 0
     assert set(status["cost"]) == {"vae", "backbone"} and status["cost"]["vae"]["rounds"] == 1
+    # Flower's own lines are kept next to the run (the terminal shows them only with --verbose).
+    flower = (run["state"] / "flower.log").read_text()
+    assert "Starting PhaseFedAvg strategy" in flower and "[backbone] round 1" in flower
 
 
 def test_global_models_are_the_average_and_every_site_has_them(run: dict[str, Any]) -> None:

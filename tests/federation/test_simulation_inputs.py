@@ -32,3 +32,37 @@ def test_sites_share_the_cores_so_that_all_run_at_once() -> None:
     for bad in (0, -1, 1.5, "abc"):
         with pytest.raises(ValueError, match="cpus_per_site"):
             site_cpus(2, 3, bad)
+
+
+def test_flower_lines_go_to_the_log_file_and_the_console_shows_warnings_only(tmp_path):
+    """The terminal of a run shows our lines and warnings; Flower's INFO lines only at --verbose;
+    every line in <fed.state>/flower.log."""
+    import logging
+    import warnings
+
+    from flwr.common.logger import FLOWER_LOGGER, ConsoleHandler
+
+    from aldm_fed.federation.simulation import flower_log
+
+    console = [h for h in FLOWER_LOGGER.handlers if isinstance(h, ConsoleHandler)]
+    assert console
+    levels = [h.level for h in console]
+    path = tmp_path / "state" / "flower.log"
+    with flower_log(path) as log_path:
+        assert all(h.level == logging.WARNING for h in console)
+        FLOWER_LOGGER.info("Starting PhaseFedAvg strategy:")
+        FLOWER_LOGGER.warning("fraction_evaluate is set to 0.0. Federated evaluation will be skipped.")
+        logging.getLogger("aldm_fed.federation.coordinator").warning("[vae] round 1: ours")
+        record = logging.LogRecord("flwr", logging.WARNING, __file__, 1, "fraction_evaluate is set to 0.0.", None, None)
+        assert not all(f.filter(record) for f in console[0].filters)  # dropped from the console
+    assert [h.level for h in console] == levels and not console[0].filters  # restored
+    text = log_path.read_text()
+    assert "Starting PhaseFedAvg strategy" in text and "[vae] round 1: ours" in text
+    with flower_log(path, verbose=True):
+        assert [h.level for h in console] == levels  # --verbose: Flower's INFO on the console too
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # anything not filtered would raise
+            with flower_log(path):
+                warnings.warn("Tip: In future versions of Ray, Ray will no longer ...", FutureWarning)
+                with pytest.raises(FutureWarning):  # only that one is silenced
+                    warnings.warn("something else", FutureWarning)
