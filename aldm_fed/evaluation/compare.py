@@ -102,7 +102,7 @@ def concat_note(cfg: Any) -> str:
         return (f"the backbone trained with the mask alone (ControlNet residuals dropped) in {p:.0%} of its "
                 "conditioned steps (model.conditioning.residual_drop_prob), the mode this baseline samples")
     return ("the backbone never trained with the mask alone (model.conditioning.residual_drop_prob=0, ALDM's "
-            "recipe): this baseline samples an untrained mode, so ControlNet - concat overstates what the "
+            "recipe): this baseline samples an untrained mode, so ALDM - concat may overstate what the "
             "ControlNet adds; train the backbone with residual_drop_prob=0.15 for a fair comparison")
 
 

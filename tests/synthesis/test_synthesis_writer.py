@@ -317,3 +317,23 @@ def test_items_from_synthesis_name_mask_source_and_host(models, cache_root, tmp_
         check_no_leakage(training_groups([items[k]]), [rec["host_case"]])
     with pytest.raises(ValueError, match="not in label_map"):
         items_from_synthesis(out, label_map={"HGG": 1})
+
+
+def test_a_non_finite_volume_is_refused_before_anything_of_its_batch_is_written(models, cache_root, tmp_path,
+                                                                                 monkeypatch):
+    """A NaN from the sampler (e.g. a low-precision kernel gone wrong) never becomes a NIfTI file."""
+    import aldm_fed.synthesis.run as run_mod
+
+    real_generate = run_mod.generate
+
+    def nan_generate(*args, **kwargs):
+        return real_generate(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(run_mod, "generate", nan_generate)
+    out = tmp_path / "nan"
+    with pytest.raises(SynthesisError, match=r"SYN-A-00000.*NaN or inf in fp32; nothing of this batch was written"):
+        _run(models, cache_root, out)
+    assert not list(out.glob("SYN-A-*/*.nii.gz"))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+            SynthesisError, match=r"under torch.bfloat16 autocast.*device.precision=fp32"):
+        _run(models, cache_root, out)
