@@ -490,26 +490,16 @@ def scheduler_step(
     # Always fp32, whatever autocast the caller runs under: the step mixes the sample and the
     # prediction with coefficients near 0 and 1, where bf16's 8-bit mantissa would be the error.
     dtype = torch.promote_types(sample.dtype, torch.float32)
+    model_output, sample = model_output.to(dtype), sample.to(dtype)
     with torch.autocast(sample.device.type, enabled=False):
-        return _step(scheduler, model_output.to(dtype), timestep, next_timestep, sample.to(dtype), generator)
-
-
-def _step(
-    scheduler: Scheduler,
-    model_output: torch.Tensor,
-    timestep: torch.Tensor | int,
-    next_timestep: torch.Tensor | int,
-    sample: torch.Tensor,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    if _is_rflow(scheduler):
-        rf: RFlowScheduler = scheduler  # type: ignore[assignment]
-        return rf.step(model_output, timestep, sample, next_timestep=next_timestep)[0]
-    if isinstance(scheduler, ConsistentDDIMScheduler):
-        return scheduler.step(
-            model_output, timestep, sample, generator=generator, prev_timestep=int(next_timestep)
-        )[0]
-    if int(next_timestep) != int(timestep) - 1:
-        raise ValueError(f"DDPM steps t -> t-1 only; got {int(timestep)} -> {int(next_timestep)}")
-    ddpm: DDPMScheduler = scheduler  # type: ignore[assignment]
-    return ddpm.step(model_output, int(timestep), sample, generator=generator)[0]
+        if _is_rflow(scheduler):
+            rf: RFlowScheduler = scheduler  # type: ignore[assignment]
+            return rf.step(model_output, timestep, sample, next_timestep=next_timestep)[0]
+        if isinstance(scheduler, ConsistentDDIMScheduler):
+            return scheduler.step(
+                model_output, timestep, sample, generator=generator, prev_timestep=int(next_timestep)
+            )[0]
+        if int(next_timestep) != int(timestep) - 1:
+            raise ValueError(f"DDPM steps t -> t-1 only; got {int(timestep)} -> {int(next_timestep)}")
+        ddpm: DDPMScheduler = scheduler  # type: ignore[assignment]
+        return ddpm.step(model_output, int(timestep), sample, generator=generator)[0]

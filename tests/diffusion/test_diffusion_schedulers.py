@@ -238,3 +238,4 @@ def test_training_timesteps_are_reproducible_and_in_range(c: dict) -> None:
     assert torch.equal(a, b) and a.shape == (64,)
     assert float(a.min()) >= 0 and float(a.max()) < 1000
     assert len(set(a.tolist())) > 32  # actually random
+

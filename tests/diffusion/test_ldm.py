@@ -271,3 +271,18 @@ def test_sample_with_concat_only_and_rflow() -> None:
     assert out.shape == (1, 4, 8, 8, 8) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="vae_downsample"):
         sample(unet, None, build_scheduler(_cfg("scheduler/rflow")), mask, num_steps=3)
+
+
+def test_the_guidance_combination_is_fp32_under_bf16_autocast() -> None:
+    """uncond + s (cond - uncond) amplifies the predictions' rounding by s: it is done in fp32 from
+    the bf16 network outputs, not in bf16."""
+    unet, cn = _nets()
+    z0, mask = _batch()
+    prepared = prepare_mask(unet, cn, mask, 4, precompute_embedding=True)
+    t = torch.tensor(900)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        guided = guided_denoise(unet, cn, z0, t, prepared, guidance_scale=3.0)
+        cond = guided_denoise(unet, cn, z0, t, prepared, guidance_scale=1.0)
+        uncond = guided_denoise(unet, cn, z0, t, prepared, guidance_scale=0.0)
+    assert guided.dtype == torch.float32
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
