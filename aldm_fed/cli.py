@@ -196,6 +196,13 @@ def data_manifest(
         Optional[int],  # noqa: UP045
         typer.Option(help="Held-out test cases (default: all remaining)."),
     ] = None,
+    n_val: Annotated[
+        int, typer.Option(help="Validation cases: every setting is chosen on them, never on test cases (8 or more "
+                          "recommended).")
+    ] = 0,
+    n_oracle: Annotated[
+        int, typer.Option(help="Extra real cases used only by the oracle regime (its larger real pool).")
+    ] = 0,
     labels: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="CSV of case-level labels."),
@@ -204,7 +211,7 @@ def data_manifest(
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing manifest file.")] = False,
 ) -> None:
-    """Write a site manifest with deterministic, label-stratified source/target/test splits."""
+    """Write a site manifest with deterministic, label-stratified splits: source, target, val, test, oracle."""
     import os
 
     from aldm_fed.data.brats import find_cases
@@ -236,6 +243,8 @@ def data_manifest(
         k=k,
         n_source=n_source,
         n_test=n_test,
+        n_val=n_val,
+        n_oracle=n_oracle,
         labels=table,
         label_column=label_column if table else None,
         seed=seed,
@@ -319,12 +328,22 @@ def evaluate(
         bool, typer.Option("--overwrite", help="Retrain classifier runs whose folder holds another config,"
                            " and replace a report already in --out.")
     ] = False,
+    split: Annotated[
+        str, typer.Option("--split", help="Cases to test on: test (held-out results) or val (validation cases,"
+                          " on which settings are chosen; written to classifier-val/).")
+    ] = "test",
+    shift_from: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--shift-from", help="Also train on another site's real target cases and test here "
+                     "(shift_from_<X>: the domain gap). Reads that site's data: single machine only."),
+    ] = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Train the downstream classifier per regime on a site's data; test on its held-out real cases.
 
     Regimes (classifier.regimes): real_only, real_aug, real_syn, syn_only, oracle. real_syn and
     syn_only use the site's synthetic volumes (run `aldm-fed synthesize --site X` first).
+    The domain gap at C, classifier only: aldm-fed evaluate --site C --shift-from A classifier.regimes=[real_only]
     """
     from aldm_fed.evaluation.report import config_summary, write_report
     from aldm_fed.evaluation.site import evaluate_site
@@ -335,14 +354,20 @@ def evaluate(
         old = sorted(p.name for p in out.glob("report.*")) if out.is_dir() else []
         if old and not overwrite:
             _fail(f"{out}: holds a report already ({', '.join(old)}); choose another --out or pass --overwrite")
+    if split not in ("test", "val"):
+        _fail(f"--split: expected test or val, got {split!r}")
+    shift = [n for v in shift_from or [] for n in v.replace(",", " ").split()]
     cfg = _compose([*(overrides or []), *([f"site={site}"] if site else [])])
-    result = evaluate_site(cfg, progress=not no_progress, overwrite=overwrite)
-    context = {**config_summary(cfg), "site": result.site, "runs": str(result.run_dir)}
+    result = evaluate_site(cfg, progress=not no_progress, overwrite=overwrite, split=split, shift_from=shift)
+    context = {**config_summary(cfg), "site": result.site, "tested_on": f"{result.split} split",
+               "runs": str(result.run_dir)}
     if result.notes:
         context["notes"] = " / ".join(result.notes)
+    what = "held-out real test cases" if split == "test" else "validation cases (for choosing settings)"
     paths = write_report(out or result.run_dir, {result.site: result.metrics()},
-                         title=f"Downstream classification, site {result.site}", context=context)
-    typer.echo(f"evaluate site {result.site}: {result.n_test_cases} held-out real test cases")
+                         title=f"Downstream classification, site {result.site}"
+                               + ("" if split == "test" else " (validation split)"), context=context)
+    typer.echo(f"evaluate site {result.site}: {result.n_test_cases} {what}")
     for row in result.rows:
         if row["status"] != "ok":
             typer.echo(f"  {row['regime']}: skipped ({row['reason']})")

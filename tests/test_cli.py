@@ -72,11 +72,12 @@ def test_manifest_command(cohort, tmp_path):
     out = tmp_path / "m" / "A.json"
     result = run(
         "data", "manifest", str(cohort / "A"), "--site", "A", "--out", str(out),
-        "--k", "2", "--labels", str(cohort / "labels.csv"),
+        "--k", "2", "--n-val", "1", "--n-oracle", "1", "--labels", str(cohort / "labels.csv"),
     )
     assert result.returncode == 0, result.stderr
     raw = json.loads(out.read_text())
     assert len(raw["splits"]["target"]) == 2 and raw["label_column"] == "grade"
+    assert len(raw["splits"]["val"]) == 1 and len(raw["splits"]["oracle"]) == 1 and raw["version"] == 2
 
 
 def test_bad_override_is_one_clear_line(capsys):

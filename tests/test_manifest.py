@@ -107,7 +107,32 @@ def test_one_scan_per_patient_splits_as_plain_cuts_of_the_order():
     ids, labels = _cohort()
     m = make_manifest("A", ids, k=8, n_source=10, n_test=7, labels=labels, label_column="grade", seed=3)
     order = _stratified_order(sorted(ids), labels, "grade", seed=3 ^ zlib.crc32(b"A"))
-    assert m.splits == {"target": sorted(order[:8]), "source": sorted(order[8:18]), "test": sorted(order[18:25])}
+    assert m.splits == {"target": sorted(order[:8]), "source": sorted(order[8:18]), "val": [],
+                        "test": sorted(order[18:25]), "oracle": []}
+
+
+def test_val_and_oracle_splits_leave_the_other_splits_as_they_were():
+    # The validation and oracle cases come after target and source: adding them to a cohort's
+    # manifest keeps its K few-shot and source cases, and takes them from what was test.
+    ids, labels = _cohort(40)
+    old = make_manifest("A", ids, k=8, n_source=10, labels=labels, label_column="grade", seed=3)
+    new = make_manifest("A", ids, k=8, n_source=10, n_val=6, n_oracle=5, n_test=11, labels=labels,
+                        label_column="grade", seed=3)
+    assert new.cases("target") == old.cases("target") and new.cases("source") == old.cases("source")
+    assert [len(new.cases(s)) for s in ("val", "oracle", "test")] == [6, 5, 11]
+    assert set(new.cases("val")) | set(new.cases("oracle")) | set(new.cases("test")) <= set(old.cases("test"))
+    assert Counter(new.label(c) for c in new.cases("val")) == Counter({"HGG": 4, "LGG": 2})  # stratified too
+    with pytest.raises(ValueError, match="40 cases cannot fill k=8 target \\+ 10 source \\+ 20 val"):
+        make_manifest("A", ids, k=8, n_source=10, n_val=20, n_test=5)
+
+
+def test_a_version_1_manifest_reads_with_empty_val_and_oracle(tmp_path):
+    path = tmp_path / "A.json"
+    path.write_text(json.dumps({"version": 1, "site": "A", "data_root": ".", "seed": 0, "k": 2,
+                                "splits": {"source": ["a"], "target": ["b", "c"], "test": ["d"]}}))
+    m = read_manifest(path)
+    assert m.cases("val") == [] and m.cases("oracle") == [] and m.cases("test") == ["d"]
+    assert write_manifest(m, tmp_path / "B.json") and read_manifest(tmp_path / "B.json").version == 2
 
 
 def test_patient_ids():

@@ -1,15 +1,24 @@
-"""Site manifests: which cases of a site are source, few-shot target and held-out test.
+"""Site manifests: which cases of a site are source, few-shot target, validation, test and oracle.
 
 One JSON file per site. Splits are deterministic from a seed and stratified by a case-level label
 when one is given, so the K few-shot cases of a site are as balanced as its cohort allows.
 
+| split | role |
+|---|---|
+| `source` | source-domain cases: pre-train the shared VAE and backbone |
+| `target` | the K few-shot cases: adapt the site's ControlNet, train its classifiers |
+| `val` | validation cases: every setting is chosen on them (`aldm-fed evaluate --split val`) |
+| `test` | held-out test cases: the reported results, and nothing else |
+| `oracle` | more real cases, used only by the `oracle` regime (an upper bound at a site with no source cases) |
+
 ```json
-{"version": 1, "site": "A", "data_root": "../A", "seed": 0, "k": 16,
+{"version": 2, "site": "A", "data_root": "../A", "seed": 0, "k": 16,
  "label_column": "grade",
- "splits": {"source": [...], "target": [...], "test": [...]},
+ "splits": {"source": [...], "target": [...], "val": [...], "test": [...], "oracle": [...]},
  "labels": {"PH-A-0000": {"grade": "HGG"}}}
 ```
-A relative `data_root` is resolved against the folder that holds the manifest file.
+A relative `data_root` is resolved against the folder that holds the manifest file. Version 1 files
+(no `val`, no `oracle`) are read as they are, with those two splits empty.
 """
 
 from __future__ import annotations
@@ -36,9 +45,12 @@ __all__ = [
     "write_manifest",
 ]
 
-MANIFEST_VERSION = 1
-SPLITS: tuple[str, ...] = ("source", "target", "test")
-SPLITS_ORDER: tuple[str, ...] = ("target", "source", "test")  # the order `make_manifest` fills them
+MANIFEST_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1: the same fields, without the val and oracle splits
+SPLITS: tuple[str, ...] = ("source", "target", "val", "test", "oracle")
+# The order `make_manifest` fills them: test last, so "the rest" can be the test cases; with n_val and
+# n_oracle 0 this draws exactly the splits version 1 drew.
+SPLITS_ORDER: tuple[str, ...] = ("target", "source", "val", "oracle", "test")
 
 
 class ManifestError(ValueError):
@@ -125,6 +137,8 @@ def make_manifest(
     k: int = 16,
     n_source: int = 0,
     n_test: int | None = None,
+    n_val: int = 0,
+    n_oracle: int = 0,
     labels: Mapping[str, Mapping[str, str]] | None = None,
     label_column: str | None = None,
     seed: int = 0,
@@ -132,9 +146,9 @@ def make_manifest(
 ) -> SiteManifest:
     """Draw deterministic, label-stratified splits for one site.
 
-    Target (the K few-shot cases) is drawn first, then source, then test (all remaining cases when
-    `n_test` is None). Every scan of one patient (BraTS 2023 follow-ups, `data.patients`) lands in
-    the same split.
+    Target (the K few-shot cases) is drawn first, then source, validation, oracle and test (all
+    remaining cases when `n_test` is None). Every scan of one patient (BraTS 2023 follow-ups,
+    `data.patients`) lands in the same split.
 
     Args:
         site: site name.
@@ -142,6 +156,8 @@ def make_manifest(
         k: number of few-shot target cases.
         n_source: number of source-domain cases kept at this site (0: none).
         n_test: number of held-out test cases; None takes the rest.
+        n_val: number of validation cases (settings are chosen on them, never on test cases).
+        n_oracle: number of extra real cases for the `oracle` regime only (its larger real pool).
         labels: case id -> {column: value}.
         label_column: stratify by this column of `labels` (cases without it form their own stratum).
         seed: split seed; the site name is mixed in so sites with equal ids still differ.
@@ -153,13 +169,13 @@ def make_manifest(
     ids = sorted(set(case_ids))
     if len(ids) != len(case_ids):
         raise ValueError(f"site {site!r}: duplicate case ids in input")
-    need = k + n_source + (n_test or 0)
-    if k < 0 or n_source < 0 or (n_test is not None and n_test < 0):
-        raise ValueError(f"site {site!r}: k, n_source and n_test must be >= 0")
+    need = k + n_source + n_val + n_oracle + (n_test or 0)
+    if min(k, n_source, n_val, n_oracle) < 0 or (n_test is not None and n_test < 0):
+        raise ValueError(f"site {site!r}: k, n_source, n_val, n_oracle and n_test must be >= 0")
     if need > len(ids):
         raise ValueError(
             f"site {site!r}: {len(ids)} cases cannot fill k={k} target + {n_source} source"
-            f" + {n_test or 0} test"
+            f" + {n_val} val + {n_oracle} oracle + {n_test or 0} test"
         )
     labels = {c: dict(v) for c, v in (labels or {}).items()}
     if label_column is not None:
@@ -167,11 +183,12 @@ def make_manifest(
         if len(missing) == len(ids):
             raise ValueError(f"site {site!r}: no case has label column {label_column!r}")
     order = _stratified_order(ids, labels, label_column, seed=seed ^ zlib.crc32(site.encode()))
-    target, source, test = _fill_by_patient(order, [k, n_source, n_test], site)
+    quotas = {"target": k, "source": n_source, "val": n_val, "oracle": n_oracle, "test": n_test}
+    filled = dict(zip(SPLITS_ORDER, _fill_by_patient(order, [quotas[n] for n in SPLITS_ORDER], site), strict=True))
     return SiteManifest(
         site=site,
         data_root=data_root,
-        splits={"source": sorted(source), "target": sorted(target), "test": sorted(test)},
+        splits={name: sorted(filled[name]) for name in SPLITS},
         labels={c: labels[c] for c in ids if c in labels},
         seed=seed,
         k=k,
@@ -180,7 +197,7 @@ def make_manifest(
 
 
 def _fill_by_patient(order: list[str], quotas: list[int | None], site: str) -> list[list[str]]:
-    """Fill the splits in turn (target, source, test) with whole patients, in the order of their
+    """Fill the splits in turn (`SPLITS_ORDER`) with whole patients, in the order of their
     first case: all scans of a patient (BraTS 2023 follow-ups) land in one split, so none leaks from
     training into test. With one scan per patient this is `order` cut at the quotas. A quota of
     None takes every patient left; a patient too large for what is left of a split goes to the next.
@@ -243,8 +260,9 @@ def read_manifest(path: str | Path) -> SiteManifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: manifest must be a JSON object, got {type(raw).__name__}")
     version = raw.get("version", MANIFEST_VERSION)
-    if version != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: manifest version {version!r} is not supported (expected {MANIFEST_VERSION})")
+    if version not in _READABLE_VERSIONS or isinstance(version, bool):
+        raise ManifestError(f"{path}: manifest version {version!r} is not supported (expected one of "
+                            f"{list(_READABLE_VERSIONS)})")
     for key, kind in (("site", str), ("data_root", str), ("splits", dict)):
         if not isinstance(raw.get(key), kind):
             raise ManifestError(f"{path}: field {key!r} missing or not a {kind.__name__}")

@@ -126,6 +126,10 @@ def config_summary(cfg: Any) -> dict[str, Any]:
         "n_boot": int(ev.get("n_boot", 1000)),
         "ci": float(ev.get("ci", 0.95)),
         "threshold": float(ev.get("threshold", 0.5)),
+        # Which split made each choice (issue #17): none is made from this run's results; the
+        # settings above are the config's, and candidates are compared on the val split.
+        "settings_chosen_on": "none of this run's cases: config values; compare candidates with "
+                              "`aldm-fed evaluate --split val` (docs/evaluation.md)",
     }
 
 

@@ -27,8 +27,8 @@ The volumes, from the site's manifest (`COHORT/manifests/<site>.json`) and its s
 |---|---|
 | real training (`real_only`, `real_aug`, `real_syn`) | the K `target` cases |
 | synthetic (`real_syn`, `syn_only`) | every volume in `paths.synthesis` (none there: both skipped) except those the memorisation audit flags as near-copies of a real case (`audit.exclude_flagged`, `aldm_fed.synthesis.audit`) |
-| test (every regime) | the `test` cases: held out, real |
-| `oracle` | `target` + `source` cases: the site's larger real pool, when it has source cases (else skipped) |
+| test (every regime) | the `test` cases: held out, real; or, with `split="val"`, the `val` cases (for choosing settings) |
+| `oracle` | `target` + `source` + `oracle` cases: the site's larger real pool, when it has source or oracle cases (else skipped) |
 | baselines (`real_syn_<b>`, `syn_only_<b>`) | the synthetic set of each baseline `<b>` asked for (`baselines.enabled`: `runs/<run>/sites/<site>/baselines/<b>/`, `aldm_fed.synthesis.baselines`), less its audit's near-copies |
 | domain shift (`shift_from_<X>`) | site X's real cases (`shift_from`, only when the caller asks: it reads another site's data, so a federated site never does) |
 
@@ -84,6 +84,10 @@ __all__ = ["CLASSIFIER_DIR", "FAITHFULNESS_DIR", "FAITHFULNESS_SETS", "METRIC_KE
 log = logging.getLogger(__name__)
 
 CLASSIFIER_DIR = "classifier"  # <paths.runs>/sites/<site>/classifier
+# The splits a site can be evaluated on: `test` for results, `val` for choosing settings. A val
+# evaluation trains and writes in folders of its own (`classifier-val`, `faithfulness-val`), so no
+# file of it can be read as a test result.
+EVAL_SPLITS: tuple[str, ...] = ("test", "val")
 FAITHFULNESS_DIR = "faithfulness"  # <paths.runs>/sites/<site>/faithfulness (faithfulness.json, segmenter/)
 # The synthetic sets the segmenter measures, under fixed names: the site's ALDM set, each baseline's.
 FAITHFULNESS_SETS: tuple[str, ...] = ("aldm", *SYNTHETIC_BASELINES)
@@ -122,7 +126,7 @@ class SiteEvaluation:
         n_target_cases: real few-shot training cases (K).
         n_synthetic_cases: synthetic volumes available to `real_syn` / `syn_only` (0: skipped),
             after the exclusion of near-copies.
-        n_test_cases: held-out real test cases.
+        n_test_cases: real cases the classifiers were tested on (of `split`).
         notes: remarks for the site's own report (they may name paths: never sent anywhere).
         n_synthetic_excluded: synthetic volumes left out as near-copies of a real case.
         audit: the memorisation audit's shareable numbers (`AuditResult.summary()`), if it ran.
@@ -131,6 +135,8 @@ class SiteEvaluation:
         differences: `regimes.paired_differences`' rows (paired AUC differences of regime pairs).
         quality: image quality of each synthetic set (`image_quality.site_image_quality`:
             `quality.<set>.<metric>`), if any set exists.
+        split: what the classifiers were tested on: "test" (held-out results) or "val" (for
+            choosing settings).
     """
 
     site: str
@@ -145,6 +151,7 @@ class SiteEvaluation:
     faithfulness: dict[str, float | int] = field(default_factory=dict)
     differences: list[dict[str, Any]] = field(default_factory=list)
     quality: dict[str, float | int] = field(default_factory=dict)
+    split: str = "test"
 
     def metrics(self) -> dict[str, float | int]:
         """The results as flat numbers: what a federated site may send to the server.
@@ -270,6 +277,7 @@ def evaluate_site(
     overwrite: bool = False,
     baselines: Sequence[str] | None = None,
     shift_from: Sequence[str] = (),
+    split: str = "test",
 ) -> SiteEvaluation:
     """Train the downstream classifier under every configured regime on a site's own data and test
     it on the site's held-out real cases; then the paired AUC differences of regime pairs and, with
@@ -292,6 +300,8 @@ def evaluate_site(
             `target` cases) train a `shift_from_<X>` classifier tested here. It reads those sites'
             data, so only a single-machine comparison asks for it; its rows do not match
             `METRIC_KEY_PATTERN` (never sent by a federated site).
+        split: the cases every regime is tested on: "test" (the held-out results) or "val" (the
+            validation cases, on which settings are chosen; written to `classifier-val/`).
 
     Returns:
         A `SiteEvaluation`; its `metrics()` is the flat, shareable summary.
@@ -314,6 +324,8 @@ def evaluate_site(
     bad = [b for b in wanted if b not in SYNTHETIC_BASELINES]
     if bad:
         raise ValueError(f"unknown synthetic baseline(s) {bad}; expected names from {SYNTHETIC_BASELINES}")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
     shift_sites = [str(x) for x in shift_from]
     if site_name in shift_sites:
         raise ValueError(f"shift_from: site {site_name} is the site under test; name other sites")
@@ -322,21 +334,24 @@ def evaluate_site(
 
     # 1. The site's cases by role; fail before preparing anything.
     path, manifest = site_manifests(str(cfg.paths.cohort), [site_name])[site_name]
-    target, test, source = (manifest.cases(split) for split in ("target", "test", "source"))
+    target, test = manifest.cases("target"), manifest.cases(split)
+    pool = [name for name in ("source", "oracle") if manifest.cases(name)]  # the oracle's cases beyond the K
+    extra = [c for name in pool for c in manifest.cases(name)]
     if not test:
         raise ValueError(
-            f"{path}: site {site_name} has no 'test' cases; results are measured on held-out real "
-            "cases only (write the manifest with test cases, e.g. `aldm-fed data manifest --n-test N`)"
+            f"{path}: site {site_name} has no '{split}' cases; results are measured on held-out real "
+            f"cases only (write the manifest with them, e.g. `aldm-fed data manifest --n-{split} N`)"
         )
     if not target:
         raise ValueError(f"{path}: site {site_name} has no 'target' (few-shot) cases to train on")
-    use_oracle = bool(source) and "oracle" in s.regimes
-    labels, label_map = _label_codes(s, manifest, path, [*target, *test, *(source if use_oracle else [])])
+    use_oracle = bool(extra) and "oracle" in s.regimes
+    labels, label_map = _label_codes(s, manifest, path, [*target, *test, *(extra if use_oracle else [])])
 
     # 2. Real volumes from the cache (prepared on first use).
     real = _cached_items(cfg, site_name, "target", labels, progress)
-    test_items = _cached_items(cfg, site_name, "test", labels, progress)
-    oracle = real + _cached_items(cfg, site_name, "source", labels, progress) if use_oracle else None
+    test_items = _cached_items(cfg, site_name, split, labels, progress)
+    oracle = real + [it for name in pool for it in _cached_items(cfg, site_name, name, labels, progress)] \
+        if use_oracle else None
 
     # 3. The site's synthetic volumes, if it has made any, less the audit's near-copies; the same
     #    for each baseline's set.
@@ -366,8 +381,11 @@ def evaluate_site(
             notes.append(f"no {b} baseline set in {b_dir} (no {MANIFEST_NAME}): its regimes skipped; "
                          f"`aldm-fed compare` makes it")
             log.warning(notes[-1])
-    if "oracle" in s.regimes and not source:
-        notes.append(f"site {site_name} has no source cases: no larger real pool, oracle skipped")
+    if "oracle" in s.regimes and not extra:
+        notes.append(f"site {site_name} has no source or oracle cases: no larger real pool, oracle skipped")
+    if split != "test":
+        notes.append(f"tested on the site's {len(test_items)} {split} cases, for choosing settings: not a "
+                     "held-out result (that is the test split's)")
 
     # 4. Domain shift: the same classifier trained on another site's real cases.
     shift_items: dict[str, list[CaseItem]] = {}
@@ -385,7 +403,8 @@ def evaluate_site(
 
     # 5. Every regime x seed, tested on the real held-out cases.
     site_dir = RunLayout.from_cfg(cfg).root / SITES_DIR / site_name
-    run_dir = site_dir / CLASSIFIER_DIR
+    suffix = "" if split == "test" else f"-{split}"
+    run_dir = site_dir / f"{CLASSIFIER_DIR}{suffix}"
     setup = device_setup(cfg)
     rows = run_regimes(real, syn, test_items, s, run_dir, oracle_items=oracle, baseline_items=baseline_items,
                        shift_items=shift_items, device=setup, overwrite=overwrite)
@@ -405,7 +424,7 @@ def evaluate_site(
         if not sets:
             notes.append("anatomical faithfulness: no synthetic set to measure; only the segmenter's Dice on "
                          "the real test cases is reported")
-        result = faithfulness(fs, real, test_items, sets, site_dir / FAITHFULNESS_DIR, seed=int(cfg.seed),
+        result = faithfulness(fs, real, test_items, sets, site_dir / f"{FAITHFULNESS_DIR}{suffix}", seed=int(cfg.seed),
                               device=setup, overwrite=overwrite)
         faith = faithfulness_metrics(result)
 
@@ -415,7 +434,7 @@ def evaluate_site(
     #    The feature networks keep their fixed seed 0, so values compare across runs and sites.
     quality = site_image_quality({it.group: it for it in real}, sets, notes=notes,
                                  dilate=vae_downsample_factor(cfg.model.vae)) if sets else {}
-    return SiteEvaluation(site=site_name, rows=rows, run_dir=run_dir, n_target_cases=len(real),
+    return SiteEvaluation(site=site_name, split=split, rows=rows, run_dir=run_dir, n_target_cases=len(real),
                           n_synthetic_cases=len(syn), n_test_cases=len(test_items), notes=notes,
                           n_synthetic_excluded=len(excluded), audit=audit_numbers, faithfulness=faith,
                           differences=differences, quality=quality)

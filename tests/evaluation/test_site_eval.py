@@ -246,3 +246,43 @@ def test_cli_evaluate_without_test_cases_names_the_manifest(root, tmp_path, caps
     err = capsys.readouterr().err
     assert info.value.code == 2
     assert str(path) in err and "no 'test' cases" in err and "Traceback" not in err
+
+
+def test_val_split_and_oracle_pool(tmp_path):
+    """`split="val"` tests every regime on the validation cases, in folders of its own; at a site with
+    no source cases the `oracle` split is the oracle's larger real pool."""
+    cfg = compose(["experiment=tiny", "~phantom.sites.A", "~phantom.sites.B", "phantom.sites.C.n_val=2",
+                   "phantom.sites.C.n_oracle=2"])
+    make_cohort(tmp_path / "cohort", PhantomConfig.from_mapping(cfg.phantom), seed=0, progress=False)
+    manifest = read_manifest(tmp_path / "cohort" / "manifests" / "C.json")
+    assert [len(manifest.cases(s)) for s in ("target", "val", "test", "oracle")] == [2, 2, 2, 2]
+    cfg = site_cfg(tmp_path, "site=C", "classifier.regimes=[real_only,oracle]")
+    val = evaluate_site(cfg, progress=False, split="val")
+    rows = {r["regime"]: r for r in val.rows}
+    assert rows["oracle"]["status"] == "ok" and rows["oracle"]["n_train_cases_real"] == 4  # target + oracle
+    assert val.split == "val" and val.run_dir == tmp_path / "runs" / "sites" / "C" / "classifier-val"
+    tested = set(json.loads((val.run_dir / "real_only" / "seed_0" / "predictions.json").read_text())["groups"])
+    assert tested == set(manifest.cases("val"))
+    assert any("val cases, for choosing settings" in n for n in val.notes)
+    assert not (tmp_path / "runs" / "sites" / "C" / "classifier").exists()  # no test result was written
+    test = evaluate_site(cfg, progress=False)
+    tested = set(json.loads((test.run_dir / "real_only" / "seed_0" / "predictions.json").read_text())["groups"])
+    assert test.split == "test" and tested == set(manifest.cases("test"))
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate_site(cfg, progress=False, split="oracle")
+
+
+def test_cli_evaluate_on_the_val_split_with_the_domain_gap(root, capsys):
+    # The tiny cohort has no val cases: a clear error naming the manifest and the flag.
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--site", "C", "--split", "val", "--no-progress", *overrides(root)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no 'val' cases" in err and "--n-val N" in err and "C.json" in err
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--site", "C", "--shift-from", "A", "--no-progress",
+              *overrides(root, "classifier.regimes=[real_only]", "faithfulness.enabled=false")])
+    out = capsys.readouterr().out
+    assert info.value.code == 0, out
+    assert "real_only: AUC" in out and "shift_from_A: AUC" in out
+    md = (root / "runs" / "sites" / "C" / "classifier" / "report.md").read_text()
+    assert "tested_on" in md and "test split" in md and "real_only - shift_from_A" in md

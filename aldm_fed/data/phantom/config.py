@@ -33,6 +33,8 @@ class SiteSpec:
         n_source: source-domain cases (pre-training data).
         n_target: few-shot target cases (the K of K-shot fine-tuning).
         n_test: held-out test cases.
+        n_val: validation cases (every setting is chosen on them).
+        n_oracle: extra real cases for the `oracle` regime only.
     """
 
     name: str
@@ -40,17 +42,19 @@ class SiteSpec:
     n_source: int
     n_target: int
     n_test: int
+    n_val: int = 0
+    n_oracle: int = 0
 
     @property
     def n_cases(self) -> int:
-        return self.n_source + self.n_target + self.n_test
+        return self.n_source + self.n_target + self.n_val + self.n_test + self.n_oracle
 
 
 def _default_sites() -> tuple[SiteSpec, ...]:
     return (
-        SiteSpec("A", "A", n_source=12, n_target=8, n_test=4),
-        SiteSpec("B", "B", n_source=12, n_target=8, n_test=4),
-        SiteSpec("C", "C", n_source=0, n_target=8, n_test=8),
+        SiteSpec("A", "A", n_source=12, n_target=8, n_val=8, n_test=16),
+        SiteSpec("B", "B", n_source=12, n_target=8, n_val=8, n_test=16),
+        SiteSpec("C", "C", n_source=0, n_target=8, n_val=8, n_test=16, n_oracle=12),
     )
 
 
@@ -92,7 +96,8 @@ class PhantomConfig:
         """Plain-data form (for cohort.json and hashing); `from_mapping` reads it back."""
         return {
             "sites": {
-                s.name: {"profile": s.profile, "n_source": s.n_source, "n_target": s.n_target, "n_test": s.n_test}
+                s.name: {"profile": s.profile, "n_source": s.n_source, "n_target": s.n_target, "n_val": s.n_val,
+                         "n_test": s.n_test, "n_oracle": s.n_oracle}
                 for s in self.sites
             },
             "k": self.k,
@@ -290,7 +295,8 @@ def _sites(
     where = f"{_ROOT}.sites"
     if raw is None:
         # As in default.yaml: n_target follows k.
-        raw = {s.name: {"profile": s.profile, "n_source": s.n_source, "n_target": None, "n_test": s.n_test} for s in defaults}
+        raw = {s.name: {"profile": s.profile, "n_source": s.n_source, "n_target": None, "n_val": s.n_val,
+                        "n_test": s.n_test, "n_oracle": s.n_oracle} for s in defaults}
     # Sites are a mapping name -> settings (Hydra overrides then read phantom.sites.C.n_test=4);
     # a list of {name: ..., ...} is accepted too.
     if isinstance(raw, list | tuple):
@@ -317,31 +323,37 @@ def _sites(
             settings = {}
         if not isinstance(settings, Mapping):
             raise ValueError(f"{w}: must be a mapping of site settings")
-        _no_unknown(settings, {"profile", "n_source", "n_target", "n_test", "n_cases"}, w)
+        _no_unknown(settings, {"profile", "n_source", "n_target", "n_val", "n_test", "n_oracle", "n_cases"}, w)
         profile = settings.get("profile", name)
         if profile not in profiles:
             raise ValueError(f"{w}.profile: unknown profile {profile!r}; known: {sorted(profiles)}")
         n_source = _int(settings, "n_source", 0, w)
         n_target = _int(settings, "n_target", k, w)  # null / missing: the global k
+        n_val = _int(settings, "n_val", 0, w)
+        n_oracle = _int(settings, "n_oracle", 0, w)
+        fixed = n_source + n_target + n_val + n_oracle
         n_cases = settings.get("n_cases")
         if settings.get("n_test") is None and n_cases is None:
             raise ValueError(f"{w}.n_test: give n_test (or n_cases, and the test split takes the rest)")
         if n_cases is not None:
             n_cases = _int(settings, "n_cases", 0, w)
-            rest = n_cases - n_source - n_target
+            rest = n_cases - fixed
             if rest < 0:
                 key = f"{w}.n_target" if settings.get("n_target") is not None else f"{_ROOT}.k"
                 raise ValueError(
-                    f"{key}: k={n_target} target + {n_source} source cases exceed {w}.n_cases={n_cases}"
+                    f"{key}: k={n_target} target + {n_source} source + {n_val} val + {n_oracle} oracle cases "
+                    f"exceed {w}.n_cases={n_cases}"
                 )
             n_test = _int(settings, "n_test", rest, w)
-            if n_source + n_target + n_test != n_cases:
-                raise ValueError(f"{w}.n_cases: {n_cases} != n_source + n_target + n_test = {n_source + n_target + n_test}")
+            if fixed + n_test != n_cases:
+                raise ValueError(f"{w}.n_cases: {n_cases} != n_source + n_target + n_val + n_test + n_oracle = "
+                                 f"{fixed + n_test}")
         else:
             n_test = _int(settings, "n_test", 0, w)
-        if n_source + n_target + n_test == 0:
-            raise ValueError(f"{w}: the site has no cases (n_source + n_target + n_test = 0)")
-        if n_source + n_target + n_test > 9999:
+        if fixed + n_test == 0:
+            raise ValueError(f"{w}: the site has no cases (n_source + n_target + n_val + n_test + n_oracle = 0)")
+        if fixed + n_test > 9999:
             raise ValueError(f"{w}: at most 9999 cases per site (case ids have 4 digits)")
-        sites.append(SiteSpec(name=name, profile=str(profile), n_source=n_source, n_target=n_target, n_test=n_test))
+        sites.append(SiteSpec(name=name, profile=str(profile), n_source=n_source, n_target=n_target, n_test=n_test,
+                              n_val=n_val, n_oracle=n_oracle))
     return tuple(sites)
