@@ -83,7 +83,8 @@ class CaseItem:
             both); used by the leakage guard.
         brain: optional (S, S, S) brain mask; without it "brain" is any voxel > 0 in any channel.
         content_key: what the volume's content depends on, for run identities (a synthetic
-            case's record hash, a cached case's `prep_hash`); None when unknown.
+            case's record hash, a cached case's `prep_hash` and the digest of its arrays); None
+            when unknown.
     """
 
     image: np.ndarray
@@ -171,9 +172,16 @@ def item_from_cached(case: Any, label: int | None = None, *, synthetic: bool = F
         synthetic: whether the cached volume is a generated one.
     """
     prep = case.meta.get("prep_hash") if isinstance(getattr(case, "meta", None), dict) else None
+    # Why the arrays' digest and not only the preprocessing hash: a cohort made again under the same
+    # case ids (another phantom profile or seed, a corrected scan) must not read back runs trained
+    # or tested on the old volumes. Hashing 64^3 x 4 floats takes milliseconds.
+    digest = hashlib.sha256()
+    for arr in (case.image, case.seg):
+        if arr is not None:
+            digest.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
     return CaseItem(image=case.image, seg=case.seg, brain=case.brain, label=label,
                     group=str(case.case_id), synthetic=synthetic,
-                    content_key=None if prep is None else f"prep:{prep}")
+                    content_key=f"prep:{prep}:sha256:{digest.hexdigest()[:16]}")
 
 
 def items_from_cache(

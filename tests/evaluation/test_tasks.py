@@ -154,3 +154,16 @@ def test_items_from_a_cache_folder(tmp_path: Path) -> None:
     assert slice_task(items).labels.sum() == 4
     with pytest.raises(ValueError, match="no entry in labels"):
         items_from_cache(CaseCache(tmp_path), ["P1"], labels={})
+
+
+def test_a_case_made_again_under_its_id_has_another_content_key(tmp_path: Path) -> None:
+    # Same id, same preprocessing hash, other voxels (a cohort made again with another profile or
+    # seed): run identities must tell them apart, or a finished run of the old volumes is read back.
+    src = item("P1")
+    keys = []
+    for name, image in (("old", src.image), ("again", src.image), ("new", src.image * 0.5)):
+        write_cached_case(tmp_path / name, "P1", image, src.seg, (src.image[0] > 0).astype(np.uint8),
+                          {"modalities": ["t1", "flair"], "affine": np.eye(4).tolist(), "prep_hash": "h"})
+        write_index(tmp_path / name, {"prep_hash": "h", "modalities": ["t1", "flair"], "size": S, "cases": ["P1"]})
+        keys.append(items_from_cache(CaseCache(tmp_path / name), ["P1"])[0].content_key)
+    assert keys[0] == keys[1] != keys[2] and keys[0].startswith("prep:h:")
