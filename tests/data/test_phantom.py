@@ -24,6 +24,9 @@ from aldm_fed.data.phantom import (
 )
 
 SUFFIXES = (*MODALITIES, "seg")
+# Site C's profile before 2026-12-08 (when it gained the stronger domain gap of issue #17).
+OLD_C = {"t2f": {"tr_ms": 11000.0, "te_ms": 90.0, "ti_ms": 2800.0}, "bias": 0.20, "noise": 0.035, "slice_mm": 3.0,
+         "strip_margin_mm": 0.0}
 
 
 @pytest.fixture(scope="session")
@@ -128,6 +131,41 @@ def test_sites_differ_on_the_same_anatomy(tiny_cfg):
         assert abs(xa.mean() - xb.mean()) > 0.25 * max(xa.mean(), xb.mean()), modality
         # ...and B (1.5 T, noisy, strong bias, thick slices) is far less uniform than A.
         assert xb.std() / xb.mean() > 1.5 * xa.std() / xa.mean(), modality
+
+
+def test_a_sites_skull_stripping_can_leave_non_brain_tissue(tiny_cfg):
+    # The same case through the same scanner, stripped cleanly and by a pipeline that leaves up to
+    # 8 mm of fat and dura: the residue lies outside the brain, within 8 mm of it, and shows on T1
+    # and FLAIR; the brain and the tumour mask are untouched.
+    import dataclasses
+
+    from scipy import ndimage as ndi
+
+    clean = tiny_cfg.profiles["C"]
+    left = dataclasses.replace(clean, strip_margin_mm=8.0)
+    a = simulate_case(tiny_cfg, "C", 0, seed=0, profile=clean)
+    b = simulate_case(tiny_cfg, "C", 0, seed=0, profile=left)
+    assert np.array_equal(a.seg, b.seg)
+    brain_a, kept_b = a.images["t1n"] > 0, b.images["t1n"] > 0
+    residue = kept_b & ~brain_a
+    assert not (brain_a & ~kept_b).any() and residue.sum() > 0.02 * brain_a.sum()
+    spacing = tiny_cfg.resolution_mm
+    assert (ndi.distance_transform_edt(~brain_a)[residue] * spacing).max() <= 8.0 + spacing
+    # Fat (mixed with dark bone): brighter than the brain on T1, and not nulled by FLAIR.
+    assert b.images["t1n"][residue].mean() > b.images["t1n"][brain_a].mean()
+    assert b.images["t2f"][residue].mean() > 0.5 * b.images["t2f"][brain_a].mean()
+
+
+def test_a_new_profile_key_at_its_default_keeps_every_case_hash():
+    # Cases made before `strip_margin_mm` existed (A, B and the old C profile) keep their hash, so a
+    # rerun into an existing cohort folder reuses them instead of refusing them as other settings.
+    from aldm_fed.data.phantom.cohort import _case_hash
+    from aldm_fed.data.phantom.scanner import DEFAULT_PROFILES
+
+    cfg = PhantomConfig.from_mapping({"profiles": {"C": {"base": "C", **OLD_C}}})
+    assert {s: _case_hash(cfg, s, 0, 0) for s in "ABC"} == {
+        "A": "cec63e8462b1f6e9", "B": "0e2a57a198ef113c", "C": "a0d2e163eaaba0b1"}  # measured before the key
+    assert DEFAULT_PROFILES["A"].strip_margin_mm == DEFAULT_PROFILES["B"].strip_margin_mm == 0.0
 
 
 def test_contrasts_look_like_mri(tiny_cfg):

@@ -32,7 +32,7 @@ from aldm_fed.data.phantom.anatomy import ReferenceAnatomy, random_deformation, 
 from aldm_fed.data.phantom.config import PhantomConfig
 from aldm_fed.data.phantom.contrast import render, tissue_signals
 from aldm_fed.data.phantom.fields import Grid, random_field
-from aldm_fed.data.phantom.scanner import MODALITIES, ScannerProfile, acquire, bias_field
+from aldm_fed.data.phantom.scanner import MODALITIES, ScannerProfile, acquire, bias_field, residual_non_brain
 from aldm_fed.data.phantom.tumour import LABELS, MassEffect, grow_tumour, tumour_compartments
 from aldm_fed.io import atomic_dir, atomic_save_nifti, atomic_write_json, atomic_write_text
 
@@ -166,13 +166,19 @@ def simulate_case(
     tumour_texture = 1.0 + random_field(rng_texture, sub_lo, sub_hi, spacing_mm=4.0, std=0.08).on_grid(sub_grid)[0]
     np.clip(tumour_texture, 0.5, 1.5, out=tumour_texture)
 
-    # 5. Scanner: slice blur, coil shading (shared by the session), Rician noise, skull strip,
-    #    integer scale.
+    # 5. Scanner: slice blur, coil shading (shared by the session), Rician noise, skull strip (with
+    #    what non-brain tissue the site's stripping leaves), integer scale.
     bias = bias_field(grid, profile, rng_scan)
+    # Its own stream, drawn only where the site leaves tissue: the other sites' cases stay as they were.
+    residue = residual_non_brain(brain, grid, profile, rng_scan.spawn(1)[0]) if profile.strip_margin_mm > 0 else None
+    kept = brain if residue is None else brain | (residue > 0)
     images: dict[str, np.ndarray] = {}
     for modality, stream in zip(MODALITIES, rng_scan.spawn(len(MODALITIES))):
-        clean = render(healthy, tumour_fracs, region, tissue_signals(profile, modality), texture, tumour_texture)
-        images[modality] = _in_box(ref, acquire(clean, brain, grid, profile, stream, bias), np.int16)
+        signals = tissue_signals(profile, modality)
+        clean = render(healthy, tumour_fracs, region, signals, texture, tumour_texture)
+        if residue is not None:
+            clean += np.float32(signals["fat"]) * residue * texture
+        images[modality] = _in_box(ref, acquire(clean, kept, grid, profile, stream, bias), np.int16)
 
     seg = np.zeros(grid.shape, dtype=np.uint8)
     seg[region] = seg_sub
@@ -314,6 +320,8 @@ def make_cohort(out_dir: str | Path, cfg: PhantomConfig, *, seed: int = 0, progr
             k=site.n_target,
             n_source=site.n_source,
             n_test=site.n_test,
+            n_val=site.n_val,
+            n_oracle=site.n_oracle,
             labels={cid: {"grade": g} for cid, s, g in rows if s == site.name},
             label_column="grade",
             seed=seed,
@@ -333,7 +341,8 @@ def make_cohort(out_dir: str | Path, cfg: PhantomConfig, *, seed: int = 0, progr
         "modalities": {"t1n": "T1", "t1c": "T1ce", "t2w": "T2", "t2f": "FLAIR"},
         "labels": {str(v): k for k, v in LABELS.items()},
         "sites": {
-            s.name: {"profile": s.profile, "n_cases": s.n_cases, "n_source": s.n_source, "n_target": s.n_target, "n_test": s.n_test}
+            s.name: {"profile": s.profile, "n_cases": s.n_cases, "n_source": s.n_source, "n_target": s.n_target,
+                     "n_val": s.n_val, "n_test": s.n_test, "n_oracle": s.n_oracle}
             for s in cfg.sites
         },
         "profiles": {s.name: cfg.profiles[s.profile].to_dict() for s in cfg.sites},
@@ -380,6 +389,8 @@ def _case_hash(cfg: PhantomConfig, site: str, index: int, seed: int) -> str:
     """Hash of everything that decides one case's content (not the cohort's size)."""
     full = cfg.to_dict()
     profile = {k: v for k, v in cfg.profile_of(site).to_dict().items() if k != "name"}
+    if profile.get("strip_margin_mm") == 0.0:  # added later; at its no-op value, older cases keep their hash
+        del profile["strip_margin_mm"]
     key = {
         "format": GENERATOR_FORMAT,
         "seed": seed,

@@ -56,6 +56,9 @@ TISSUE_PROPERTIES: dict[str, Tissue] = {
     "core": Tissue(t1_ms=1200.0, t2_ms=160.0, pd=0.85, field_exponent=0.25, gd_mm=0.04),
     "necrosis": Tissue(t1_ms=2200.0, t2_ms=450.0, pd=0.92, field_exponent=0.10),
     "enhancing": Tissue(t1_ms=1050.0, t2_ms=120.0, pd=0.85, field_exponent=0.30, gd_mm=0.5),
+    # Outside the brain: scalp and marrow fat, which a site's skull stripping may leave behind
+    # (`scanner.residual_non_brain`). Short T1, bright on every contrast here.
+    "fat": Tissue(t1_ms=260.0, t2_ms=80.0, pd=0.90, field_exponent=0.10),
 }
 
 

@@ -3,9 +3,10 @@
 A profile fixes what makes one hospital's images differ from another's: field strength (tissue T1
 grows with it), the sequence timings of each contrast, the gadolinium dose, a smooth multiplicative
 bias field (coil sensitivity), the noise level (Rician, as in magnitude images), the slice
-thickness (blur along the slice axis) and the scanner's integer intensity scale and offset.
-Three default profiles (sites A, B, C) differ in all of these, so a model trained on one site sees
-a real domain shift at another.
+thickness (blur along the slice axis), the skull stripping of its pipeline (how much non-brain
+tissue it leaves) and the scanner's integer intensity scale and offset. Three default profiles
+(sites A, B, C) differ in all of these, so a model trained on one site sees a real domain shift at
+another.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from scipy import ndimage as ndi
 
 from aldm_fed.data.phantom.fields import Grid, random_field
 
-__all__ = ["DEFAULT_PROFILES", "MODALITIES", "ScannerProfile", "Sequence", "acquire", "bias_field"]
+__all__ = ["DEFAULT_PROFILES", "MODALITIES", "ScannerProfile", "Sequence", "acquire", "bias_field",
+           "residual_non_brain"]
 
 # BraTS 2023 file suffixes, in the order they are written: T1, T1ce, T2, FLAIR.
 MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
@@ -73,6 +75,8 @@ class ScannerProfile:
         slice_axis: "x" (sagittal), "y" (coronal) or "z" (axial acquisition).
         scale: stored integer value of unit signal (scanners scale arbitrarily).
         offset: constant added inside the brain.
+        strip_margin_mm: the site's skull stripping leaves patches of non-brain tissue (scalp and
+            marrow fat, dura) up to this far outside the brain; 0 is a clean BraTS-style strip.
     """
 
     name: str
@@ -88,6 +92,7 @@ class ScannerProfile:
     slice_axis: str = "z"
     scale: float = 1000.0
     offset: float = 0.0
+    strip_margin_mm: float = 0.0
 
     def sequence(self, modality: str) -> Sequence:
         return getattr(self, modality)
@@ -100,7 +105,7 @@ class ScannerProfile:
         for key in ("field_t", "scale"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{where}.{key}: must be > 0, got {getattr(self, key)!r}")
-        for key in ("gd_dose", "bias", "noise", "offset"):
+        for key in ("gd_dose", "bias", "noise", "offset", "strip_margin_mm"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{where}.{key}: must be >= 0, got {getattr(self, key)!r}")
         if not self.slice_mm > 0:
@@ -150,7 +155,7 @@ class ScannerProfile:
                 te_ms=_number(seq.get("te_ms"), f"{where}.{m}.te_ms"),
                 ti_ms=None if seq.get("ti_ms") is None else _number(seq["ti_ms"], f"{where}.{m}.ti_ms"),
             )
-        for key in ("field_t", "gd_dose", "bias", "noise", "slice_mm", "scale", "offset"):
+        for key in ("field_t", "gd_dose", "bias", "noise", "slice_mm", "scale", "offset", "strip_margin_mm"):
             values[key] = _number(values[key], f"{where}.{key}")
         values["slice_axis"] = str(values["slice_axis"])
         profile = cls(**values)
@@ -201,22 +206,26 @@ DEFAULT_PROFILES: dict[str, ScannerProfile] = {
         scale=400.0,
         offset=20.0,
     ),
-    # C: 3 T of another vendor: spin-echo T1 (flatter grey/white contrast), 3 mm coronal slices,
-    # imperfect CSF nulling in FLAIR, reduced contrast dose, a different integer scale.
+    # C: the unseen hospital, a 3 T scanner of another vendor with an older clinical protocol:
+    # spin-echo T1 (flatter grey/white contrast), 2D FLAIR with a short TR whose inversion time
+    # leaves CSF partly unnulled, reduced contrast dose, 5 mm coronal slices, accelerated and so
+    # noisier acquisitions, strong uncorrected coil shading, a skull stripping that leaves patches
+    # of scalp fat and dura (up to 6 mm), and a different integer scale.
     "C": ScannerProfile(
         name="C",
         field_t=3.0,
         t1n=Sequence("se", tr_ms=700.0, te_ms=10.0),
         t1c=Sequence("se", tr_ms=700.0, te_ms=10.0),
         t2w=Sequence("se", tr_ms=3500.0, te_ms=85.0),
-        t2f=Sequence("ir", tr_ms=11000.0, te_ms=90.0, ti_ms=2800.0),
+        t2f=Sequence("ir", tr_ms=6000.0, te_ms=90.0, ti_ms=2400.0),
         gd_dose=0.8,
-        bias=0.20,
-        noise=0.035,
-        slice_mm=3.0,
+        bias=0.40,
+        noise=0.06,
+        slice_mm=5.0,
         slice_axis="y",
         scale=2500.0,
         offset=100.0,
+        strip_margin_mm=6.0,
     ),
 }
 
@@ -239,6 +248,31 @@ def bias_field(grid: Grid, profile: ScannerProfile, rng: np.random.Generator) ->
     return np.exp(random_field(rng, lo, hi, spacing_mm=70.0, std=profile.bias).on_grid(grid)[0])
 
 
+def residual_non_brain(brain: np.ndarray, grid: Grid, profile: ScannerProfile, rng: np.random.Generator) -> np.ndarray | None:
+    """Share (0..1) of fat-like non-brain tissue per voxel that the site's skull stripping keeps.
+
+    Skull-stripping tools differ: some leave scalp and marrow fat, dura and sinus tissue in patches
+    around the brain (bright on T1, T2 and FLAIR: fat is not nulled by FLAIR's inversion). The kept
+    shell reaches up to `profile.strip_margin_mm` outside the brain, thicker in some places than
+    others; within it, fat mixes with dark bone. None when the profile strips cleanly.
+
+    Args:
+        brain: boolean brain mask on `grid`.
+        grid: the image grid.
+        profile: the site's scanner and pipeline.
+        rng: the case's random generator for it.
+    """
+    if profile.strip_margin_mm <= 0:
+        return None
+    outside_mm = ndi.distance_transform_edt(~brain) * grid.spacing
+    lo = np.asarray(grid.origin)
+    hi = lo + (np.asarray(grid.shape) - 1) * grid.spacing
+    fields = random_field(rng, lo, hi, spacing_mm=30.0, std=0.5, channels=2).on_grid(grid)
+    reach = profile.strip_margin_mm * np.clip(0.5 + fields[0], 0.0, 1.0)  # patches, not a uniform rim
+    fat = np.clip(0.65 + fields[1], 0.2, 1.0)                              # fat vs bone within the shell
+    return np.where((outside_mm > 0) & (outside_mm <= reach), fat, 0.0).astype(np.float32)
+
+
 def acquire(
     clean: np.ndarray,
     brain: np.ndarray,
@@ -254,7 +288,8 @@ def acquire(
 
     Args:
         clean: noise-free signal (float, any scale) on `grid`.
-        brain: boolean brain mask on `grid`.
+        brain: boolean mask of what the skull stripping keeps on `grid` (the brain, plus any
+            `residual_non_brain` tissue).
         grid: the image grid.
         profile: the site's scanner.
         rng: random generator for this image (noise, small per-series jitter of noise and scale).
