@@ -18,6 +18,11 @@ from one noise tensor (DDIM, deterministic): with its own mask and with the chan
 
 Thresholds come from measurements (see each constant); `test_the_locality_check_can_fail` shows
 that a pair differing for another reason than the mask (other noise, same mask) fails the check.
+
+The concatenated mask alone already places the tumour, so the locality test would pass with a
+ControlNet that stopped steering. `test_the_controlnet_itself_steers_at_the_tumour` is the
+ControlNet-off control: same mask and noise, ControlNet on vs off. NOT MET by the tiny model
+either (strict xfail): what its ControlNet changes is spread over the brain.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ SAMPLING_STEPS = 25
 # concatenated mask still on): 1.8-3.4, i.e. the concatenated mask alone already places the tumour.
 MIN_MEDIAN_LOCALITY = 2.0   # ~27 % under the measured medians, ~70 % over the other-noise one
 MIN_LOCALITY = 1.4          # every pair; ~20 % under the lowest measured pair
+# The ControlNet's own effect (same mask and noise, ControlNet on vs off), inside / outside the
+# dilated tumour: what a ControlNet that steers the tumour must show (the other-noise control sits
+# at 0.96-1.34). Measured at STEPS on site C's 4 cases (2026-12-08): 0.81-1.47, median 0.99.
+MIN_CONTROLNET_LOCALITY = 1.5
 # Plausibility: `aldm_fed.evaluation.plausibility` (margin STAT_MARGIN = 0.05 around the real cases'
 # [min, max] of each statistic; measured real brain means per modality 0.22-0.57, stds 0.09-0.23).
 
@@ -161,6 +170,33 @@ def test_the_brain_outside_the_tumour_stays_plausible(pairs: list[Pair], trained
                 f"(+- {STAT_MARGIN}) at (modality, mean|std) {bad}: got {got.round(3).tolist()}, "
                 f"real {real.lo.round(3).tolist()} .. {real.hi.round(3).tolist()}"
             )
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the tiny ControlNet at STEPS does not steer the tumour: its own effect (on vs off, same mask and "
+    "noise) is spread over the brain, locality ratio 0.81-1.47, median 0.99 (measured 2026-12-08); the "
+    "concatenated mask does the placing. The synthesis issue (#18) is to make it steer"))
+def test_the_controlnet_itself_steers_at_the_tumour(trained: dict[str, Any]):
+    """The concatenated mask alone already places a tumour (see MIN_MEDIAN_LOCALITY's note), so the
+    locality test above would pass with a ControlNet that stopped steering. This control compares
+    the same mask and noise with the ControlNet on and off (conditioning scale 1 vs 0): what the
+    ControlNet changes must lie at the tumour, and a ControlNet whose residuals are zero fails."""
+    models, cache, f = trained["models"], trained["cache"], trained["factor"]
+    shape = (int(models.unet.out_channels), *(cache.size // f,) * 3)
+    off = dataclasses.replace(models, conditioning_scale=0.0)
+    ratios = []
+    for i, case_id in enumerate(trained["cases"]):
+        case = cache.load(case_id, mmap=False)
+        seg = case.seg.astype(np.int64)
+        noise = sample_noise(0, i, shape)
+        x_on = sample_pair(models, seg, seg, noise)[0]
+        x_off = sample_pair(off, seg, seg, noise)[0]
+        union = ndimage.binary_dilation(seg > 0, iterations=f)
+        ratios.append(locality_ratio(Pair(case_id, "controlnet off", np.stack([x_on, x_off]), union, case.brain > 0)))
+    print("ControlNet on/off locality ratios:", [round(r, 2) for r in ratios])
+    median = float(np.median(ratios))
+    assert median >= MIN_CONTROLNET_LOCALITY, (
+        f"the ControlNet's own effect is not at the tumour: median ratio {median:.2f} < {MIN_CONTROLNET_LOCALITY}")
 
 
 def test_the_locality_check_can_fail(trained: dict[str, Any], pairs: list[Pair]):
