@@ -40,6 +40,11 @@ def _compose(overrides: list[str] | None):
     return compose(overrides or [])
 
 
+def _names(values: list[str] | None) -> list[str]:
+    """Names given as repeated options, comma- or space-separated (`--sites A,B`, `--sites A --sites B`)."""
+    return [name for value in values or [] for name in value.replace(",", " ").split()]
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -335,7 +340,8 @@ def evaluate(
     shift_from: Annotated[
         Optional[list[str]],  # noqa: UP045
         typer.Option("--shift-from", help="Also train on another site's real target cases and test here "
-                     "(shift_from_<X>: the domain gap). Reads that site's data: single machine only."),
+                     "(shift_from_<X>: the domain gap); --shift-from A,B or --shift-from A --shift-from B. "
+                     "Reads that site's data: single machine only."),
     ] = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -343,10 +349,11 @@ def evaluate(
 
     Regimes (classifier.regimes): real_only, real_aug, real_syn, syn_only, oracle. real_syn and
     syn_only use the site's synthetic volumes (run `aldm-fed synthesize --site X` first).
-    The domain gap at C, classifier only: aldm-fed evaluate --site C --shift-from A classifier.regimes=[real_only]
+    The domain gap at C, classifier only:
+    aldm-fed evaluate --site C --shift-from A experiment=demo classifier.regimes=[real_only]
     """
     from aldm_fed.evaluation.report import config_summary, write_report
-    from aldm_fed.evaluation.site import evaluate_site
+    from aldm_fed.evaluation.site import EVAL_SPLITS, evaluate_site
 
     if out is not None:  # checked before hours of training, not after
         if out.exists() and not out.is_dir():
@@ -354,11 +361,11 @@ def evaluate(
         old = sorted(p.name for p in out.glob("report.*")) if out.is_dir() else []
         if old and not overwrite:
             _fail(f"{out}: holds a report already ({', '.join(old)}); choose another --out or pass --overwrite")
-    if split not in ("test", "val"):
-        _fail(f"--split: expected test or val, got {split!r}")
-    shift = [n for v in shift_from or [] for n in v.replace(",", " ").split()]
+    if split not in EVAL_SPLITS:
+        _fail(f"--split: expected one of {', '.join(EVAL_SPLITS)}, got {split!r}")
     cfg = _compose([*(overrides or []), *([f"site={site}"] if site else [])])
-    result = evaluate_site(cfg, progress=not no_progress, overwrite=overwrite, split=split, shift_from=shift)
+    result = evaluate_site(cfg, progress=not no_progress, overwrite=overwrite, split=split,
+                          shift_from=_names(shift_from))
     context = {**config_summary(cfg), "site": result.site, "tested_on": f"{result.split} split",
                "runs": str(result.run_dir)}
     if result.notes:
@@ -413,7 +420,7 @@ def compare(
     # Click options take one value each, so `--sites B C` leaves C among the overrides: a bare
     # name (no `=`, `~` or `+`) there is a site.
     bare = [o for o in overrides or [] if re.fullmatch(r"[A-Za-z0-9_-]+", o)]
-    names = [n for v in [*(sites or []), *bare] for n in v.replace(",", " ").split()]
+    names = _names([*(sites or []), *bare])
     rest = [o for o in overrides or [] if o not in bare]
     if not names:
         _fail("which sites? pass --sites B C (the target sites to compare)")
@@ -468,8 +475,7 @@ def certs(
     from aldm_fed.federation.security import describe, make_certificates
 
     # Click options take one value each, so `--sites A B C` leaves B and C as arguments.
-    values = [*(sites or []), *(more_sites or [])]
-    names = [name for value in values for name in value.replace(",", " ").split()]
+    names = _names([*(sites or []), *(more_sites or [])])
     try:
         result = make_certificates(out, names, hosts=hosts, days=days, force=force)
     except ValueError as exc:

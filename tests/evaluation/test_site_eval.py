@@ -273,6 +273,9 @@ def test_val_split_and_oracle_pool(tmp_path):
 
 
 def test_cli_evaluate_on_the_val_split_with_the_domain_gap(root, capsys):
+    with pytest.raises(SystemExit) as info:  # refused before any config or data is read
+        main(["evaluate", "--site", "C", "--split", "oracle", "--no-progress", *overrides(root)])
+    assert info.value.code == 2 and "--split: expected one of test, val, got 'oracle'" in capsys.readouterr().err
     # The tiny cohort has no val cases: a clear error naming the manifest and the flag.
     with pytest.raises(SystemExit) as info:
         main(["evaluate", "--site", "C", "--split", "val", "--no-progress", *overrides(root)])
